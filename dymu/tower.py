@@ -1,0 +1,160 @@
+"""The DToMe CLIP vision tower (DYMU_SPEC.md section 1).
+
+We own the encoder-block forward (LayerNorms, q/k/v/out projections, torch SDPA with
+the log-size bias, MLP) and reuse HF `CLIPVisionModel` weights as they are. Only
+module attributes that have been stable since transformers 4.37 are touched
+(`embeddings`, `pre_layrnorm`, `encoder.layers[i].{layer_norm1, self_attn.*_proj,
+layer_norm2, mlp}`), so attention-class refactors in transformers cannot break it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DymuError
+from .merge import Edges, apply_plan, bipartite_edges, plan_merges, threshold_merges
+
+MergeRule = Callable[[int, Edges], torch.Tensor]
+
+
+@dataclass
+class TowerOutput:
+    """Per-image merged patch features at the feature layer (CLS dropped).
+
+    `features[i]` (N_i, D), `mapping[i]` (P,) patch -> merged index, `sizes[i]` (N_i,)
+    patches per merged token, `tokens_per_layer` (B, L) token count (CLS included) at
+    the output of every block; blocks after the feature layer do not run and repeat
+    the last count. `padded` (B, max N_i, D) and `num_tokens` (B,) are the same
+    features in one padded tensor for batched consumers.
+    """
+
+    features: list[torch.Tensor]
+    mapping: list[torch.Tensor]
+    sizes: list[torch.Tensor]
+    tokens_per_layer: torch.Tensor
+    padded: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+def vision_transformer(model: nn.Module) -> nn.Module:
+    """Find the CLIP vision transformer inside a CLIPVisionModel, a llava tower, or itself."""
+    for path in ("vision_model", "vision_tower.vision_model", ""):
+        obj = model
+        for attr in filter(None, path.split(".")):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if obj is not None and hasattr(obj, "embeddings") and hasattr(obj, "encoder"):
+            return obj
+    raise DymuError(f"{type(model).__name__} is not a CLIP vision model: pass a transformers CLIPVisionModel")
+
+
+def layers_to_run(num_layers: int, feature_layer: int) -> int:
+    """How many blocks produce `hidden_states[feature_layer]` (entry 0 is the embeddings)."""
+    n = num_layers + 1 + feature_layer if feature_layer < 0 else feature_layer
+    if not 1 <= n <= num_layers:
+        raise DymuError(f"feature_layer={feature_layer} is outside a {num_layers}-layer tower")
+    return n
+
+
+def threshold_rule(thresholds: torch.Tensor | None, num_layers: int) -> tuple[MergeRule, list[bool]]:
+    """Inference merge rule for per-layer thresholds, and which layers can merge at all."""
+    if thresholds is None:
+        return (lambda layer, edges: torch.zeros_like(edges.score, dtype=torch.bool)), [False] * num_layers
+    tau = thresholds.detach().float().cpu()
+    if tau.shape != (num_layers,):
+        raise DymuError(
+            f"thresholds have shape {tuple(tau.shape)} but the tower has {num_layers} layers: "
+            "use a thresholds file calibrated for this vision tower"
+        )
+    values = tau.tolist()
+    return (lambda layer, edges: threshold_merges(edges, values[layer])), [v != math.inf for v in values]
+
+
+def _attention(layer: nn.Module, h: torch.Tensor, bias: torch.Tensor | None, heads: int):
+    attn = layer.self_attn
+    bsz, n, dim = h.shape
+    shape = (bsz, n, heads, dim // heads)
+    q = attn.q_proj(h).view(shape).transpose(1, 2)
+    k = attn.k_proj(h).view(shape).transpose(1, 2)
+    v = attn.v_proj(h).view(shape).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return attn.out_proj(out.transpose(1, 2).reshape(bsz, n, dim)), k
+
+
+def _size_bias(size: torch.Tensor, lengths: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Proportional attention: +log(size_j) on every key j, -inf on padded keys."""
+    pad = torch.arange(size.shape[1], device=size.device)[None] >= lengths[:, None]
+    bias = size.float().log().masked_fill(pad, float("-inf"))
+    return bias[:, None, None, :].to(dtype)
+
+
+@torch.no_grad()
+def run_tower(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    rule: MergeRule,
+    may_merge: list[bool],
+    feature_layer: int = -2,
+) -> TowerOutput:
+    """Run the DToMe tower with any merge rule (thresholds for inference, top-k for calibration)."""
+    vt = vision_transformer(model)
+    blocks = vt.encoder.layers
+    num_layers = len(blocks)
+    n_run = layers_to_run(num_layers, feature_layer)
+    heads = vt.config.num_attention_heads
+    dtype = vt.embeddings.patch_embedding.weight.dtype
+
+    x = vt.pre_layrnorm(vt.embeddings(pixel_values.to(dtype)))
+    bsz, n, _ = x.shape
+    device = x.device
+    lengths = torch.full((bsz,), n, dtype=torch.long, device=device)
+    size = torch.ones(bsz, n, dtype=torch.float32, device=device)
+    pos = torch.arange(n, device=device)[None].repeat(bsz, 1)
+    uniform = True  # every size is 1 and nothing is padded: no attention bias needed
+    counts = []
+    for i in range(n_run):
+        block = blocks[i]
+        bias = None if uniform else _size_bias(size, lengths, x.dtype)
+        attn_out, keys = _attention(block, block.layer_norm1(x), bias, heads)
+        x = x + attn_out
+        if may_merge[i]:
+            edges = bipartite_edges(keys.mean(1), lengths)
+            plan = plan_merges(rule(i, edges), edges.dst, lengths, x.shape[1])
+            if bool(plan.changed.any()):
+                x, size, pos = apply_plan(plan, x, size, pos)
+                lengths = plan.new_lengths
+                uniform = False
+        x = x + block.mlp(block.layer_norm2(x))
+        counts.append(lengths)
+    counts += [lengths] * (num_layers - n_run)
+
+    num_tokens = lengths - 1
+    mapping = pos[:, 1:] - 1
+    padded = x[:, 1 : int(lengths.max())]
+    return TowerOutput(
+        features=[padded[b, : num_tokens[b]] for b in range(bsz)],
+        mapping=list(mapping.unbind(0)),
+        sizes=[size[b, 1 : lengths[b]] for b in range(bsz)],
+        tokens_per_layer=torch.stack(counts, dim=1),
+        padded=padded,
+        num_tokens=num_tokens,
+    )
+
+
+def encode_images(
+    vision_model: nn.Module,
+    pixel_values: torch.Tensor,
+    thresholds: torch.Tensor | None,
+    feature_layer: int = -2,
+) -> TowerOutput:
+    """Encode preprocessed images with DToMe; `thresholds=None` (or all +inf) is stock CLIP."""
+    vt = vision_transformer(vision_model)
+    rule, may_merge = threshold_rule(thresholds, len(vt.encoder.layers))
+    return run_tower(vision_model, pixel_values, rule, may_merge, feature_layer)
