@@ -1,0 +1,95 @@
+"""Threshold files: the official .pth, our safetensors, JSON, and bad files."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import pytest
+import torch
+
+import dymu
+from dymu import DymuError
+
+
+class _Evil:
+    """Pickles to a call that would create a marker file if it were ever unpickled."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def _official_state(n: int = 24, prefix: str = "module.") -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    state = {
+        f"{prefix}visual.conv1.weight": torch.randn(8, 3, 2, 2, generator=gen),
+        f"{prefix}visual.class_embedding": torch.randn(8, generator=gen),
+        f"{prefix}transformer.resblocks.0.attn.in_proj_weight": torch.randn(24, 8, generator=gen),
+        f"{prefix}logit_scale": torch.tensor(4.6),
+    }
+    for i in range(n):
+        state[f"{prefix}visual.transformer.resblocks.{i}.threshold"] = torch.tensor(0.5 + i / 100).to(torch.bfloat16)
+        state[f"{prefix}visual.transformer.resblocks.{i}.attn.out_proj.weight"] = torch.randn(8, 8, generator=gen)
+    return state
+
+
+@pytest.mark.parametrize("prefix", ["module.", ""])
+def test_official_pth_returns_24_thresholds(tmp_path: pathlib.Path, prefix: str) -> None:
+    path = tmp_path / "ViT-L-14-336-tome-72out.pth"
+    torch.save({"name": "ViT-L-14-336-tome-72out", "state_dict": _official_state(prefix=prefix)}, path)
+    tau = dymu.load_thresholds(path, num_layers=24)
+    want = torch.tensor([0.5 + i / 100 for i in range(24)]).to(torch.bfloat16).float()
+    assert tau.dtype == torch.float32
+    assert torch.equal(tau, want)
+
+
+def test_pickled_callable_is_refused_not_executed(tmp_path: pathlib.Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"name": "x", "state_dict": _official_state(), "payload": _Evil(marker)}, path)
+    with pytest.raises(DymuError, match="refused") as err:
+        dymu.load_thresholds(path)
+    assert not marker.exists()
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_wrong_length_nan_and_missing_name_the_file(tmp_path: pathlib.Path) -> None:
+    short = tmp_path / "short.pth"
+    torch.save({"name": "x", "state_dict": _official_state(n=12)}, short)
+    with pytest.raises(DymuError, match=r"short\.pth: has 12 thresholds but the vision tower has 24"):
+        dymu.load_thresholds(short, num_layers=24)
+
+    nan = tmp_path / "nan.json"
+    nan.write_text(json.dumps([0.9, float("nan"), 0.8]))
+    with pytest.raises(DymuError, match=r"nan\.json: thresholds contain NaN"):
+        dymu.load_thresholds(nan)
+
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(DymuError, match=r"missing\.safetensors: thresholds file not found"):
+        dymu.load_thresholds(missing)
+
+    for bad, text in (("bad.json", "{not json"), ("bad.safetensors", "garbage"), ("bad.pth", "garbage")):
+        (tmp_path / bad).write_text(text)
+        with pytest.raises(DymuError) as err:
+            dymu.load_thresholds(tmp_path / bad)
+        assert bad in str(err.value) and "\n" not in str(err.value)
+
+
+def test_safetensors_and_json_round_trip(tmp_path: pathlib.Path) -> None:
+    tau = torch.tensor([0.91, 0.8, 0.75, math.inf])
+    path = dymu.save_thresholds(tmp_path / "t.safetensors", tau, target_tokens=16, source_model="tiny")
+    assert torch.equal(dymu.load_thresholds(path), tau)
+    from dymu.thresholds import threshold_metadata
+
+    meta = threshold_metadata(path)
+    assert meta["target_tokens"] == "16" and meta["source_model"] == "tiny"
+
+    finite = tau[:3]
+    jpath = dymu.save_thresholds(tmp_path / "t.json", finite, note="x")
+    assert torch.equal(dymu.load_thresholds(jpath), finite)
+    with pytest.raises(DymuError, match="infinite"):
+        dymu.save_thresholds(tmp_path / "inf.json", tau)
