@@ -34,7 +34,9 @@ def blocky_pixels(n: int, image_size: int, seed: int = 0) -> torch.Tensor:
     for i in range(n):
         cells = int(rng.integers(2, 8))
         block = -(-image_size // cells)
-        flat = rng.normal(size=(3, cells, cells)).repeat(block, 1).repeat(block, 2)[:, :image_size, :image_size]
+        flat = (
+            rng.normal(size=(3, cells, cells)).repeat(block, 1).repeat(block, 2)[:, :image_size, :image_size]
+        )
         noise = rng.normal(size=(3, image_size, image_size))
         weight = np.zeros((image_size, image_size), dtype=np.float32)
         frac = float(rng.uniform(0.0, 0.8))

@@ -32,8 +32,12 @@ def _official_state(n: int = 24, prefix: str = "module.") -> dict[str, torch.Ten
         f"{prefix}logit_scale": torch.tensor(4.6),
     }
     for i in range(n):
-        state[f"{prefix}visual.transformer.resblocks.{i}.threshold"] = torch.tensor(0.5 + i / 100).to(torch.bfloat16)
-        state[f"{prefix}visual.transformer.resblocks.{i}.attn.out_proj.weight"] = torch.randn(8, 8, generator=gen)
+        state[f"{prefix}visual.transformer.resblocks.{i}.threshold"] = torch.tensor(0.5 + i / 100).to(
+            torch.bfloat16
+        )
+        state[f"{prefix}visual.transformer.resblocks.{i}.attn.out_proj.weight"] = torch.randn(
+            8, 8, generator=gen
+        )
     return state
 
 

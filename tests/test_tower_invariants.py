@@ -29,8 +29,13 @@ def tower(request, tiny_checkpoints):
         model = vitl_geometry_clip()
     cfg = model.config
     pixels = blocky_pixels(5, cfg.image_size, seed=3)
-    tau = dymu.calibrate(model, blocky_pixels(16, cfg.image_size, seed=4), target_tokens=cfg.image_size // 14 * 2,
-                         batch_size=8, progress=False)
+    tau = dymu.calibrate(
+        model,
+        blocky_pixels(16, cfg.image_size, seed=4),
+        target_tokens=cfg.image_size // 14 * 2,
+        batch_size=8,
+        progress=False,
+    )
     return model, pixels, tau
 
 
@@ -72,7 +77,7 @@ def test_v3_mapping_is_onto_and_sizes_are_group_counts(tower) -> None:
     out = dymu.encode_images(model, pixels, tau)
     patches = (pixels.shape[-1] // 14) ** 2
     assert out.num_tokens.float().std() > 0, "test images should end with different token counts"
-    for mapping, sizes, feats in zip(out.mapping, out.sizes, out.features):
+    for mapping, sizes, feats in zip(out.mapping, out.sizes, out.features, strict=True):
         n_m = feats.shape[0]
         assert mapping.shape == (patches,)
         assert mapping.min() >= 0, "a patch mapped onto CLS: CLS must stand alone"

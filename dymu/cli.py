@@ -1,0 +1,200 @@
+"""`dymu` command line: calibrate, doctor, bench. Errors from bad input print one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import platform
+import sys
+from pathlib import Path
+
+from .errors import DymuError
+
+EXIT_USAGE = 2
+
+
+def _dtype(name: str):
+    import torch
+
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise DymuError(f"--dtype {name!r} is not a torch dtype; use float32, bfloat16 or float16")
+    return value
+
+
+def _fingerprint(items: list) -> str:
+    """sha256 over the calibration inputs (file bytes, or image pixels), so a thresholds file
+    records exactly which data made it."""
+    digest = hashlib.sha256()
+    for item in items:
+        if isinstance(item, Path):
+            digest.update(item.name.encode())
+            digest.update(item.read_bytes())
+        else:
+            digest.update(item.tobytes())
+    return digest.hexdigest()
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Calibrate per-layer thresholds on an image folder (default: the tiny model and sample images)."""
+    import torch
+
+    from . import calibrate, encode_images, save_thresholds
+    from .images import list_images, preprocess
+    from .vision_loading import load_vision_tower
+
+    if args.model is None:
+        from .sample_images import make_sample_images
+        from .tiny import ensure_tiny_checkpoints
+
+        model_path = ensure_tiny_checkpoints()["clip"]
+        target = args.target_tokens or 16
+        images: list = list_images(args.images) if args.images else make_sample_images(32, seed=0)
+        print(
+            f"using the embedded tiny LLaVA-1.5 CLIP tower ({model_path}); random weights, for testing only"
+        )
+    else:
+        model_path = Path(args.model)
+        target = args.target_tokens or 72
+        if args.images is None:
+            raise DymuError("--images DIR is required with --model (a folder of calibration images)")
+
+    tower, processor = load_vision_tower(model_path, dtype=_dtype(args.dtype), device=args.device)
+    if args.model is not None:
+        images = list_images(args.images)
+    thresholds = calibrate(
+        tower,
+        images,
+        target_tokens=target,
+        batch_size=args.batch_size,
+        processor=processor,
+        feature_layer=args.feature_layer,
+        progress=not args.no_progress,
+    )
+    tokens = []
+    for start in range(0, len(images), args.batch_size):
+        pixels = preprocess(images[start : start + args.batch_size], processor).to(
+            args.device, _dtype(args.dtype)
+        )
+        tokens.append(encode_images(tower, pixels, thresholds, args.feature_layer).num_tokens.cpu())
+    counts = torch.cat(tokens).float()
+    from .calibrate import merge_schedule
+    from .tower import layers_to_run
+
+    n_layers = len(thresholds)
+    n_run = layers_to_run(n_layers, args.feature_layer)
+    num_patches = (tower.config.image_size // tower.config.patch_size) ** 2
+    save_thresholds(
+        args.out,
+        thresholds,
+        source_model=str(model_path),
+        target_tokens=target,
+        per_layer_r=merge_schedule(num_patches, target, n_run),
+        feature_layer=args.feature_layer,
+        num_calibration_images=len(images),
+        dataset_fingerprint=_fingerprint(images),
+        batch_size=args.batch_size,
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    summary = {
+        "thresholds": [round(float(t), 5) for t in thresholds],
+        "target_tokens": target,
+        "calibration_set_tokens": {
+            "mean": float(counts.mean()),
+            "min": int(counts.min()),
+            "max": int(counts.max()),
+        },
+        "images": len(images),
+        "out": str(args.out),
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print("per-layer thresholds:", " ".join(f"{t:.4f}" for t in summary["thresholds"]))
+        c = summary["calibration_set_tokens"]
+        print(
+            f"tokens on the calibration set: mean {c['mean']:.1f} (min {c['min']}, max {c['max']}); target {target}"
+        )
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Print the installed stack, so a bug report carries the versions."""
+    from .versions import installed
+
+    packages = [
+        "torch",
+        "transformers",
+        "tokenizers",
+        "safetensors",
+        "huggingface-hub",
+        "accelerate",
+        "numpy",
+        "pillow",
+        "llava-torch",
+    ]
+    info = {
+        "python": platform.python_version(),
+        **{p: str(installed(p) or "not installed") for p in packages},
+    }
+    try:
+        import torch
+
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available"
+    except ImportError as err:
+        info["cuda"] = f"torch import failed: {err}"
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for key, value in info.items():
+            print(f"{key:>16}: {value}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmarks; `tower` times stock CLIP against the DToMe tower."""
+    from .bench import tower
+
+    return tower.main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dymu", description="DyMU for LLaVA-1.5 (DToMe + VTU)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cal = sub.add_parser("calibrate", help=cmd_calibrate.__doc__)
+    cal.add_argument("--model", help="CLIP, liuhaotian LLaVA or llava-hf directory (default: the tiny model)")
+    cal.add_argument("--images", help="folder of calibration images (default with the tiny model: samples)")
+    cal.add_argument("--target-tokens", type=int, default=None, help="mean tokens at the feature layer (72)")
+    cal.add_argument("--batch-size", type=int, default=64)
+    cal.add_argument("--feature-layer", type=int, default=-2)
+    cal.add_argument("--out", type=Path, default=Path("dymu-thresholds.safetensors"))
+    cal.add_argument("--device", default="cpu")
+    cal.add_argument("--dtype", default="float32")
+    cal.add_argument("--no-progress", action="store_true")
+    cal.add_argument("--json", action="store_true", help="print a JSON summary")
+    cal.set_defaults(func=cmd_calibrate)
+
+    doc = sub.add_parser("doctor", help=cmd_doctor.__doc__)
+    doc.add_argument("--json", action="store_true")
+    doc.set_defaults(func=cmd_doctor)
+
+    bench = sub.add_parser("bench", help=cmd_bench.__doc__, add_help=False)
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for python -m dymu.bench.tower")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DymuError as err:
+        print(f"dymu: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("dymu: interrupted", file=sys.stderr)
+        return 130
