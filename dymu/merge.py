@@ -81,7 +81,6 @@ class MergePlan:
     target: torch.Tensor
     new_lengths: torch.Tensor
     changed: torch.Tensor  # (B,) rows with at least one merge
-    new_max: int
 
 
 def plan_merges(merge_a: torch.Tensor, dst: torch.Tensor, lengths: torch.Tensor, n: int) -> MergePlan:
@@ -116,30 +115,31 @@ def plan_merges(merge_a: torch.Tensor, dst: torch.Tensor, lengths: torch.Tensor,
     identity = identity.masked_fill(identity >= lengths[:, None], n)
     target = torch.where(changed[:, None], target, identity)
     new_lengths = torch.where(changed, n_keep + n_b, lengths)
-    return MergePlan(target, new_lengths, changed, int(new_lengths.max()))
+    return MergePlan(target, new_lengths, changed)
 
 
 def apply_plan(
-    plan: MergePlan, x: torch.Tensor, size: torch.Tensor, pos: torch.Tensor
+    plan: MergePlan, x: torch.Tensor, size: torch.Tensor, pos: torch.Tensor, out_len: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge tokens by size-weighted mean, sum sizes and re-point `pos`.
 
     `x` (B, N, D), `size` (B, N) (padding holds 1), `pos` (B, P) original position ->
-    current token. Rows without merges are passed through bit-exact.
+    current token. The result keeps `out_len` token slots (>= every new length).
+    Rows without merges are passed through bit-exact. No host-device sync, so the
+    step can be captured in a CUDA graph.
     """
     bsz, n, dim = x.shape
     slots = n + 1  # slot n collects padding and is dropped
     flat_target = (plan.target + torch.arange(bsz, device=x.device)[:, None] * slots).flatten()
-    w = size.float()
-    num = group_sum((x.float() * w[..., None]).reshape(bsz * n, dim), flat_target, bsz * slots)
-    den = group_sum(w.flatten(), flat_target, bsz * slots)
-    num = num.view(bsz, slots, dim)[:, : plan.new_max]
-    den = den.view(bsz, slots)[:, : plan.new_max]
+    w = size.float()[..., None]
+    weighted = torch.cat([x.float() * w, w], dim=-1).reshape(bsz * n, dim + 1)
+    sums = group_sum(weighted, flat_target, bsz * slots).view(bsz, slots, dim + 1)[:, :out_len]
+    num, den = sums[..., :dim], sums[..., dim]
     merged_x = (num / den.clamp_min(1e-12)[..., None]).to(x.dtype)
     new_size = torch.where(den > 0, den, torch.ones_like(den)).to(size.dtype)
 
     keep = ~plan.changed[:, None]
-    merged_x = torch.where(keep[..., None], x[:, : plan.new_max], merged_x)
-    new_size = torch.where(keep, size[:, : plan.new_max], new_size)
+    merged_x = torch.where(keep[..., None], x[:, :out_len], merged_x)
+    new_size = torch.where(keep, size[:, :out_len], new_size)
     new_pos = plan.target.gather(1, pos)
     return merged_x, new_size, new_pos

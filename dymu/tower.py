@@ -95,22 +95,33 @@ def _size_bias(size: torch.Tensor, lengths: torch.Tensor, dtype: torch.dtype) ->
     return bias[:, None, None, :].to(dtype)
 
 
-@torch.no_grad()
-def run_tower(
-    model: nn.Module,
+@dataclass
+class TokenState:
+    """Tower state after the feature layer, still padded: what a CUDA graph captures."""
+
+    x: torch.Tensor  # (B, N, D), CLS first
+    size: torch.Tensor  # (B, N)
+    pos: torch.Tensor  # (B, P + 1) original position -> token
+    lengths: torch.Tensor  # (B,)
+    counts: torch.Tensor  # (B, n_run) tokens after each block that ran
+
+
+def forward_tokens(
+    vt: nn.Module,
     pixel_values: torch.Tensor,
     rule: MergeRule,
     may_merge: list[bool],
-    feature_layer: int = -2,
-) -> TowerOutput:
-    """Run the DToMe tower with any merge rule (thresholds for inference, top-k for calibration)."""
-    vt = vision_transformer(model)
-    blocks = vt.encoder.layers
-    num_layers = len(blocks)
-    n_run = layers_to_run(num_layers, feature_layer)
+    n_run: int,
+    static: bool,
+) -> TokenState:
+    """Embeddings and the first `n_run` DToMe blocks.
+
+    `static=False` trims the padded length after every merge (one host sync per merging
+    layer; best on CPU). `static=True` keeps every shape fixed and never syncs, so the
+    whole tower can be captured in a CUDA graph; merges and outputs are the same.
+    """
     heads = vt.config.num_attention_heads
     dtype = vt.embeddings.patch_embedding.weight.dtype
-
     x = vt.pre_layrnorm(vt.embeddings(pixel_values.to(dtype)))
     bsz, n, _ = x.shape
     device = x.device
@@ -119,6 +130,7 @@ def run_tower(
     pos = torch.arange(n, device=device)[None].repeat(bsz, 1)
     uniform = True  # every size is 1 and nothing is padded: no attention bias needed
     counts = []
+    blocks = vt.encoder.layers
     for i in range(n_run):
         block = blocks[i]
         bias = None if uniform else _size_bias(size, lengths, x.dtype)
@@ -127,25 +139,50 @@ def run_tower(
         if may_merge[i]:
             edges = bipartite_edges(keys.mean(1), lengths)
             plan = plan_merges(rule(i, edges), edges.dst, lengths, x.shape[1])
-            if bool(plan.changed.any()):
-                x, size, pos = apply_plan(plan, x, size, pos)
-                lengths = plan.new_lengths
-                uniform = False
+            if static:
+                x, size, pos = apply_plan(plan, x, size, pos, x.shape[1])
+                lengths, uniform = plan.new_lengths, False
+            else:
+                new_max, any_changed = torch.stack([plan.new_lengths.max(), plan.changed.any()]).tolist()
+                if any_changed:
+                    x, size, pos = apply_plan(plan, x, size, pos, new_max)
+                    lengths, uniform = plan.new_lengths, False
         x = x + block.mlp(block.layer_norm2(x))
         counts.append(lengths)
-    counts += [lengths] * (num_layers - n_run)
+    return TokenState(x, size, pos, lengths, torch.stack(counts, dim=1))
 
-    num_tokens = lengths - 1
-    mapping = pos[:, 1:] - 1
-    padded = x[:, 1 : int(lengths.max())]
+
+def finish(state: TokenState, num_layers: int) -> TowerOutput:
+    """Drop CLS, cut padding and split per image (one host sync)."""
+    n_run = state.counts.shape[1]
+    counts = torch.cat([state.counts, state.counts[:, -1:].expand(-1, num_layers - n_run)], dim=1)
+    lengths = state.lengths.tolist()
+    num_tokens = state.lengths - 1
+    padded = state.x[:, 1 : max(lengths)]
     return TowerOutput(
-        features=[padded[b, : num_tokens[b]] for b in range(bsz)],
-        mapping=list(mapping.unbind(0)),
-        sizes=[size[b, 1 : lengths[b]] for b in range(bsz)],
-        tokens_per_layer=torch.stack(counts, dim=1),
+        features=[padded[b, : lengths[b] - 1] for b in range(len(lengths))],
+        mapping=list((state.pos[:, 1:] - 1).unbind(0)),
+        sizes=[state.size[b, 1 : lengths[b]] for b in range(len(lengths))],
+        tokens_per_layer=counts,
         padded=padded,
         num_tokens=num_tokens,
     )
+
+
+@torch.no_grad()
+def run_tower(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    rule: MergeRule,
+    may_merge: list[bool],
+    feature_layer: int = -2,
+    static: bool = False,
+) -> TowerOutput:
+    """Run the DToMe tower with any merge rule (thresholds for inference, top-k for calibration)."""
+    vt = vision_transformer(model)
+    num_layers = len(vt.encoder.layers)
+    n_run = layers_to_run(num_layers, feature_layer)
+    return finish(forward_tokens(vt, pixel_values, rule, may_merge, n_run, static), num_layers)
 
 
 def encode_images(

@@ -150,7 +150,7 @@ def test_v4_v5_merge_step_matches_plain_reference_with_padding(tau: float) -> No
 
     edges = bipartite_edges(metric, lengths)
     plan = plan_merges(threshold_merges(edges, tau), edges.dst, lengths, n)
-    got_x, got_size, got_pos = apply_plan(plan, x, size, pos)
+    got_x, got_size, got_pos = apply_plan(plan, x, size, pos, n)
     for b, length in enumerate(lengths.tolist()):
         want_x, want_size, want_pos = _naive_merge_step(
             x[b, :length], size[b, :length], pos[b], metric[b, :length], tau
