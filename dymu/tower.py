@@ -185,13 +185,30 @@ def run_tower(
     return finish(forward_tokens(vt, pixel_values, rule, may_merge, n_run, static), num_layers)
 
 
+@torch.no_grad()
 def encode_images(
     vision_model: nn.Module,
     pixel_values: torch.Tensor,
     thresholds: torch.Tensor | None,
     feature_layer: int = -2,
+    cuda_graph: bool | None = None,
 ) -> TowerOutput:
-    """Encode preprocessed images with DToMe; `thresholds=None` (or all +inf) is stock CLIP."""
+    """Encode preprocessed images with DToMe; `thresholds=None` (or all +inf) is stock CLIP.
+
+    On CUDA the static-shape tower is captured once per input shape and replayed
+    (`cuda_graph=None` means "on CUDA only"); on CPU the padded length shrinks as
+    tokens merge. Both give the same merges and features.
+    """
     vt = vision_transformer(vision_model)
-    rule, may_merge = threshold_rule(thresholds, len(vt.encoder.layers))
-    return run_tower(vision_model, pixel_values, rule, may_merge, feature_layer)
+    num_layers = len(vt.encoder.layers)
+    rule, may_merge = threshold_rule(thresholds, num_layers)
+    n_run = layers_to_run(num_layers, feature_layer)
+    state = None
+    if pixel_values.is_cuda if cuda_graph is None else cuda_graph:
+        from .cuda_graph import graphed_forward
+
+        key = None if thresholds is None else tuple(thresholds.detach().float().cpu().tolist())
+        state = graphed_forward(vt, pixel_values, rule, may_merge, n_run, (key,))
+    if state is None:
+        state = forward_tokens(vt, pixel_values, rule, may_merge, n_run, static=False)
+    return finish(state, num_layers)

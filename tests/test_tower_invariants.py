@@ -186,3 +186,32 @@ def test_v7_batched_equals_per_image(tower) -> None:
         assert torch.equal(single.tokens_per_layer[0], batched.tokens_per_layer[b])
         torch.testing.assert_close(single.features[0], batched.features[b], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(single.sizes[0], batched.sizes[b])
+
+
+def test_static_shape_tower_equals_shrinking_tower(tower) -> None:
+    """The CUDA-graph path (static shapes, no host sync) merges exactly like the eager path."""
+    model, pixels, tau = tower
+    rule, may_merge = threshold_rule(tau, _layers(model))
+    eager = run_tower(model, pixels, rule, may_merge, static=False)
+    static = run_tower(model, pixels, rule, may_merge, static=True)
+    assert torch.equal(eager.tokens_per_layer, static.tokens_per_layer)
+    for b in range(len(pixels)):
+        assert torch.equal(eager.mapping[b], static.mapping[b])
+        torch.testing.assert_close(eager.features[b], static.features[b], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+def test_cuda_graph_replay_equals_eager_on_gpu(tower) -> None:
+    model, pixels, tau = tower
+    model = model.cuda()
+    try:
+        graphed = dymu.encode_images(model, pixels.cuda(), tau, cuda_graph=True)
+        again = dymu.encode_images(model, pixels.cuda().flip(0), tau, cuda_graph=True)
+        eager = dymu.encode_images(model, pixels.cuda(), tau, cuda_graph=False)
+    finally:
+        model.cpu()
+    assert torch.equal(graphed.tokens_per_layer, eager.tokens_per_layer)
+    assert torch.equal(again.tokens_per_layer, eager.tokens_per_layer.flip(0))
+    for b in range(len(pixels)):
+        assert torch.equal(graphed.mapping[b], eager.mapping[b])
+        torch.testing.assert_close(graphed.features[b], eager.features[b], rtol=1e-3, atol=1e-4)
