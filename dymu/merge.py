@@ -125,21 +125,20 @@ def apply_plan(
 
     `x` (B, N, D), `size` (B, N) (padding holds 1), `pos` (B, P) original position ->
     current token. The result keeps `out_len` token slots (>= every new length).
-    Rows without merges are passed through bit-exact. No host-device sync, so the
+    Rows without merges are passed through unchanged. No host-device sync, so the
     step can be captured in a CUDA graph.
     """
     bsz, n, dim = x.shape
     slots = n + 1  # slot n collects padding and is dropped
     flat_target = (plan.target + torch.arange(bsz, device=x.device)[:, None] * slots).flatten()
-    w = size.float()[..., None]
-    weighted = torch.cat([x.float() * w, w], dim=-1).reshape(bsz * n, dim + 1)
-    sums = group_sum(weighted, flat_target, bsz * slots).view(bsz, slots, dim + 1)[:, :out_len]
-    num, den = sums[..., :dim], sums[..., dim]
+    w = size.float()
+    num = group_sum((x.float() * w[..., None]).view(bsz * n, dim), flat_target, bsz * slots)
+    den = group_sum(w.view(-1), flat_target, bsz * slots)
+    num = num.view(bsz, slots, dim)[:, :out_len]
+    den = den.view(bsz, slots)[:, :out_len]
     merged_x = (num / den.clamp_min(1e-12)[..., None]).to(x.dtype)
-    new_size = torch.where(den > 0, den, torch.ones_like(den)).to(size.dtype)
-
-    keep = ~plan.changed[:, None]
-    merged_x = torch.where(keep[..., None], x[:, :out_len], merged_x)
-    new_size = torch.where(keep, size[:, :out_len], new_size)
+    if x.dtype == torch.float32:  # keep unmerged rows bit-exact; in 16-bit the cast already rounds back
+        merged_x = torch.where(plan.changed[:, None, None], merged_x, x[:, :out_len])
+    new_size = torch.where(plan.changed[:, None] & (den > 0), den.to(size.dtype), size[:, :out_len])
     new_pos = plan.target.gather(1, pos)
     return merged_x, new_size, new_pos
