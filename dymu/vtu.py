@@ -1,0 +1,145 @@
+"""Virtual token unmerging (fast VTU) for a Llama decoder stack (DYMU_SPEC.md section 3).
+
+Row-wise work (norms, q/k/v/o projections, MLP) runs on the N_u merged rows; attention
+runs at the virtual length N (text + 576 image positions) after expanding q/k/v with
+`idx` and applying RoPE at the virtual positions, then its output is remerged (group
+mean) back to N_u rows. Written against stable module attributes (`embed_tokens`,
+`layers[i].{input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp}`,
+`norm`) and torch SDPA, so HF attention refactors do not reach it.
+
+Family integration (HF Llava, legacy llava) and the transformers cache object live in
+their own modules; this one returns plain per-layer (key, value) tensors at length N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DymuError
+from .scatter import group_mean
+
+
+def rope_theta(config) -> float:
+    """RoPE base from a Llama config of any transformers version (4.x attr or 5.x rope_parameters)."""
+    params = getattr(config, "rope_parameters", None)
+    scaling = getattr(config, "rope_scaling", None)
+    if isinstance(params, dict):
+        scaling = params
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind not in (None, "default"):
+        raise DymuError(f"rope scaling type {kind!r} is not supported by dymu's VTU (LLaVA-1.5 uses none)")
+    if isinstance(params, dict) and "rope_theta" in params:
+        return float(params["rope_theta"])
+    return float(getattr(config, "rope_theta", 10000.0))
+
+
+def head_dim(config) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin (B, 1, N, dim) for HF's rotate-half RoPE convention, computed in float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+def expand_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """M·e: (B, N_u, ...) -> (B, N, ...) with row b taking x[b, idx[b, j]]."""
+    bsz, n_u = x.shape[:2]
+    flat = (idx + torch.arange(bsz, device=idx.device)[:, None] * n_u).flatten()
+    return x.reshape(bsz * n_u, *x.shape[2:]).index_select(0, flat).view(bsz, idx.shape[1], *x.shape[2:])
+
+
+def remerge_rows(y: torch.Tensor, idx: torch.Tensor, n_u: int, deterministic: bool = False) -> torch.Tensor:
+    """P·y: (B, N, ...) -> (B, N_u, ...), the mean of the virtual rows of each merged row."""
+    bsz, n = y.shape[:2]
+    flat = (idx + torch.arange(bsz, device=idx.device)[:, None] * n_u).flatten()
+    out = group_mean(y.reshape(bsz * n, *y.shape[2:]), flat, bsz * n_u, dim=0, deterministic=deterministic)
+    return out.view(bsz, n_u, *y.shape[2:])
+
+
+@dataclass
+class VtuOutput:
+    """Final-norm hidden states on merged rows, and per-layer post-RoPE (K, V) at length N."""
+
+    hidden: torch.Tensor  # (B, N_u, D)
+    keys: list[torch.Tensor]  # (B, H_kv, N, hd) each
+    values: list[torch.Tensor]
+
+
+def virtual_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, N, N) additive mask: causal, and padded keys hidden."""
+    n = valid.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()
+    allowed = causal[None] & valid[:, None, :]
+    allowed |= torch.eye(n, dtype=torch.bool, device=valid.device)[None]  # padded queries see themselves
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _layer(layer: nn.Module, x, idx, cos, sin, mask, config, deterministic: bool):
+    attn = layer.self_attn
+    bsz, n_u, _ = x.shape
+    heads, kv_heads, hd = config.num_attention_heads, config.num_key_value_heads, head_dim(config)
+    h = layer.input_layernorm(x)
+    q = attn.q_proj(h).view(bsz, n_u, heads, hd)
+    k = attn.k_proj(h).view(bsz, n_u, kv_heads, hd)
+    v = attn.v_proj(h).view(bsz, n_u, kv_heads, hd)
+    q, k, v = (expand_rows(t, idx).transpose(1, 2) for t in (q, k, v))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    rep = heads // kv_heads
+    k_att = k.repeat_interleave(rep, dim=1) if rep > 1 else k
+    v_att = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+    if mask is None:
+        out = F.scaled_dot_product_attention(q, k_att, v_att, is_causal=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k_att, v_att, attn_mask=mask)
+    out = remerge_rows(out.transpose(1, 2).reshape(bsz, idx.shape[1], heads * hd), idx, n_u, deterministic)
+    x = x + attn.o_proj(out)
+    x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return x, k, v
+
+
+@torch.no_grad()
+def vtu_prefill(
+    decoder: nn.Module,
+    merged_embeds: torch.Tensor,
+    idx: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    deterministic: bool = False,
+) -> VtuOutput:
+    """Fast-VTU prefill of a Llama decoder (`LlamaModel`-like: `layers`, `norm`, `config`).
+
+    `merged_embeds` (B, N_u, D) is the merged input sequence, `idx` (B, N) maps virtual
+    positions to merged rows, `positions` (B, N) are RoPE positions (default 0..N-1) and
+    `valid` (B, N) marks real virtual positions (None: all real, plain causal mask).
+    """
+    config = decoder.config
+    bsz, n = idx.shape
+    if positions is None:
+        positions = torch.arange(n, device=idx.device)[None].expand(bsz, n)
+    cos, sin = rope_cos_sin(positions, head_dim(config), rope_theta(config), merged_embeds.dtype)
+    mask = None if valid is None else virtual_mask(valid, merged_embeds.dtype)
+    x = merged_embeds
+    keys, values = [], []
+    for layer in decoder.layers:
+        x, k, v = _layer(layer, x, idx, cos, sin, mask, config, deterministic)
+        keys.append(k)
+        values.append(v)
+    return VtuOutput(decoder.norm(x), keys, values)

@@ -1,0 +1,90 @@
+"""Fast-VTU core on a small Llama decoder: identity mapping equals stock, duplicates (T4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaModel
+
+from dymu.vtu import expand_rows, remerge_rows, vtu_prefill
+
+
+def small_llama(layers: int = 2) -> LlamaModel:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        max_position_embeddings=256,
+    )
+    return LlamaModel(cfg).eval()
+
+
+def cache_layer(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, V) of layer i from any transformers cache flavour."""
+    if hasattr(cache, "layers"):
+        return cache.layers[i].keys, cache.layers[i].values
+    if hasattr(cache, "key_cache"):
+        return cache.key_cache[i], cache.value_cache[i]
+    return cache[i][0], cache[i][1]
+
+
+def test_t1_remerge_of_expand_is_identity() -> None:
+    x = torch.randn(2, 5, 3, 4)
+    idx = torch.tensor([[0, 1, 1, 2, 3, 3, 4], [0, 0, 1, 2, 2, 3, 4]])
+    torch.testing.assert_close(remerge_rows(expand_rows(x, idx), idx, 5), x)
+
+
+def test_identity_mapping_equals_stock_llama_and_its_cache() -> None:
+    model = small_llama()
+    embeds = torch.randn(2, 12, 64)
+    idx = torch.arange(12)[None].repeat(2, 1)
+    out = vtu_prefill(model, embeds, idx)
+    with torch.no_grad():
+        stock = model(inputs_embeds=embeds, use_cache=True)
+    torch.testing.assert_close(out.hidden, stock.last_hidden_state, rtol=1e-4, atol=1e-5)
+    for i in range(2):
+        k, v = cache_layer(stock.past_key_values, i)
+        torch.testing.assert_close(out.keys[i], k, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out.values[i], v, rtol=1e-4, atol=1e-5)
+
+
+def test_t4_duplicate_image_tokens_match_full_model_on_text_positions() -> None:
+    """One decoder layer: text rows see exactly the K/V the full model sees (exact up to float error)."""
+    model = small_llama(layers=1)
+    text_before, text_after, groups, group = 3, 4, 3, 5
+    merged = torch.randn(1, text_before + groups + text_after, 64)
+    image_idx = torch.arange(groups).repeat_interleave(group) + text_before
+    idx = torch.cat([torch.arange(text_before), image_idx, torch.arange(text_after) + text_before + groups])[
+        None
+    ]
+    full_embeds = expand_rows(merged, idx)
+    out = vtu_prefill(model, merged, idx)
+    with torch.no_grad():
+        full = model(inputs_embeds=full_embeds).last_hidden_state
+    text_virtual = torch.cat(
+        [torch.arange(text_before), torch.arange(text_after) + text_before + groups * group]
+    )
+    text_merged = torch.cat([torch.arange(text_before), torch.arange(text_after) + text_before + groups])
+    torch.testing.assert_close(out.hidden[0, text_merged], full[0, text_virtual], rtol=1e-4, atol=1e-5)
+    assert out.keys[0].shape[2] == idx.shape[1], "cache holds the full virtual length"
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_padded_batch_equals_single_rows(deterministic: bool) -> None:
+    model = small_llama()
+    rows = [
+        (torch.randn(1, 6, 64), torch.tensor([[0, 1, 1, 2, 3, 4, 4, 5]])),
+        (torch.randn(1, 4, 64), torch.tensor([[0, 1, 1, 1, 2, 3, 3, 3]])),
+    ]
+    merged = torch.zeros(2, 6, 64)
+    merged[0], merged[1, :4] = rows[0][0][0], rows[1][0][0]
+    idx = torch.cat([r[1] for r in rows])
+    batched = vtu_prefill(model, merged, idx, deterministic=deterministic)
+    for b, (emb, row_idx) in enumerate(rows):
+        single = vtu_prefill(model, emb, row_idx, deterministic=deterministic)
+        n_u = emb.shape[1]
+        torch.testing.assert_close(batched.hidden[b, :n_u], single.hidden[0], rtol=1e-4, atol=1e-5)
