@@ -1,49 +1,95 @@
-"""CUDA-graph replay of the static-shape DToMe tower.
+"""CUDA-graph replay of the DToMe tower, in segments that shrink as tokens merge.
 
 Eager DToMe is launch-bound on a GPU: each merge step is dozens of small kernels, and
-at batch 1 the CPU cannot issue them as fast as the GPU runs them. The static-shape
-tower (`forward_tokens(static=True)`) never syncs with the host, so one capture per
-(tower, batch shape, dtype, thresholds) replays all blocks with a single launch.
+the CPU cannot issue them as fast as the GPU runs them. The static-shape blocks
+(`run_blocks(static=True)`) never sync with the host, so a run of `SEGMENT` blocks is
+captured once and replayed with one launch. Between segments the host reads the
+longest row once and trims the padding to a multiple of `BUCKET`, so later blocks run
+on fewer token slots. Graphs are cached per (tower, segment, shapes, thresholds) and
+share one memory pool; they are always replayed one after another on one stream.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import warnings
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .tower import MergeRule, TokenState, forward_tokens
+from .tower import MergeRule, TokenState, embed, run_blocks
 
-_MAX_GRAPHS_PER_TOWER = 8
-_cache: weakref.WeakKeyDictionary[nn.Module, OrderedDict] = weakref.WeakKeyDictionary()
-_failed: set[str] = set()
+SEGMENT = int(
+    os.environ.get("DYMU_GRAPH_SEGMENT", "4")
+)  # blocks per graph: fewer = more trimming, more syncs
+BUCKET = 32  # token slots are trimmed to a multiple of this, bounding the number of graphs
+_MAX_GRAPHS_PER_TOWER = 96
 
 
-class GraphedTower:
-    """One captured tower forward for fixed input shape; replay copies inputs in and state out."""
+class CapturedCall:
+    """`fn(*inputs)` captured for fixed input shapes; replay copies inputs in, returns static outputs."""
 
-    def __init__(
-        self, vt: nn.Module, rule: MergeRule, may_merge: list[bool], n_run: int, example: torch.Tensor
-    ):
-        self.static_input = example.clone()
-        stream = torch.cuda.Stream(device=example.device)
-        stream.wait_stream(torch.cuda.current_stream(example.device))
+    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], example: tuple[torch.Tensor, ...], pool):
+        self.inputs = tuple(t.clone() for t in example)
+        device = self.inputs[0].device
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up kernels and the allocator outside the capture
-                forward_tokens(vt, self.static_input, rule, may_merge, n_run, static=True)
-        torch.cuda.current_stream(example.device).wait_stream(stream)
+                fn(*self.inputs)
+        torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.state = forward_tokens(vt, self.static_input, rule, may_merge, n_run, static=True)
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.outputs = fn(*self.inputs)
 
-    def __call__(self, pixel_values: torch.Tensor) -> TokenState:
-        self.static_input.copy_(pixel_values)
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        for static, value in zip(self.inputs, inputs, strict=True):
+            static.copy_(value)
         self.graph.replay()
-        s = self.state
-        return TokenState(s.x.clone(), s.size.clone(), s.pos.clone(), s.lengths.clone(), s.counts.clone())
+        return self.outputs
+
+
+class _TowerGraphs:
+    def __init__(self) -> None:
+        self.pool = None
+        self.calls: OrderedDict[tuple, CapturedCall] = OrderedDict()
+        self.failed: set[tuple] = set()
+
+    def call(
+        self, key: tuple, fn: Callable, inputs: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, ...] | None:
+        if inputs[0].device.type != "cuda":  # no graphs off-GPU: run the same segments eagerly
+            return fn(*inputs)
+        captured = self.calls.get(key)
+        if captured is None:
+            if key in self.failed:
+                return None
+            try:
+                self.pool = self.pool or torch.cuda.graph_pool_handle()
+                captured = CapturedCall(fn, inputs, self.pool)
+            except RuntimeError as err:  # capture unsupported on this stack: fall back to eager
+                self.failed.add(key)
+                warnings.warn(
+                    f"dymu: CUDA graph capture failed, running eager ({err})", RuntimeWarning, stacklevel=4
+                )
+                return None
+            self.calls[key] = captured
+            while len(self.calls) > _MAX_GRAPHS_PER_TOWER:
+                self.calls.popitem(last=False)
+        self.calls.move_to_end(key)
+        return captured(*inputs)
+
+
+_towers: weakref.WeakKeyDictionary[nn.Module, _TowerGraphs] = weakref.WeakKeyDictionary()
+
+
+def _bucket(state: TokenState) -> int:
+    longest = int(state.lengths.max())  # the one host sync per segment
+    return min(state.x.shape[1], -(-longest // BUCKET) * BUCKET)
 
 
 def graphed_forward(
@@ -54,23 +100,32 @@ def graphed_forward(
     n_run: int,
     key: tuple,
 ) -> TokenState | None:
-    """Replay (capturing on first use) the tower for this input shape; None if capture fails."""
-    full_key = (tuple(pixel_values.shape), pixel_values.dtype, str(pixel_values.device), n_run, *key)
-    graphs = _cache.setdefault(vt, OrderedDict())
-    graphed = graphs.get(full_key)
-    if graphed is None:
-        if str(full_key) in _failed:
+    """The first `n_run` blocks as replayed graph segments; None if capture is not possible."""
+    graphs = _towers.setdefault(vt, _TowerGraphs())
+    bounds = [*range(0, n_run, SEGMENT), n_run]
+    state: TokenState | None = None
+    for start, stop in itertools.pairwise(bounds):
+        uniform_in = not any(may_merge[:start])
+        uniform_out = not any(may_merge[:stop])
+
+        if state is None:
+
+            def fn(px: torch.Tensor, stop: int = stop) -> tuple[torch.Tensor, ...]:
+                return run_blocks(vt, embed(vt, px), 0, stop, rule, may_merge, static=True).tensors()
+
+            inputs: tuple[torch.Tensor, ...] = (pixel_values,)
+        else:
+
+            def fn(*tensors: torch.Tensor, start: int = start, stop: int = stop, uniform: bool = uniform_in):
+                return run_blocks(
+                    vt, TokenState(*tensors, uniform), start, stop, rule, may_merge, True
+                ).tensors()
+
+            inputs = state.trimmed(_bucket(state)).tensors()
+        call_key = (key, start, stop, tuple((tuple(t.shape), t.dtype, str(t.device)) for t in inputs))
+        outputs = graphs.call(call_key, fn, inputs)
+        if outputs is None:
             return None
-        try:
-            graphed = GraphedTower(vt, rule, may_merge, n_run, pixel_values)
-        except RuntimeError as err:  # capture unsupported on this stack: fall back to eager
-            _failed.add(str(full_key))
-            warnings.warn(
-                f"dymu: CUDA graph capture failed, running eager ({err})", RuntimeWarning, stacklevel=3
-            )
-            return None
-        graphs[full_key] = graphed
-        while len(graphs) > _MAX_GRAPHS_PER_TOWER:
-            graphs.popitem(last=False)
-    graphs.move_to_end(full_key)
-    return graphed(pixel_values)
+        state = TokenState(*outputs, uniform=uniform_out)
+    assert state is not None
+    return TokenState(*(t.clone() for t in state.tensors()), uniform=state.uniform)

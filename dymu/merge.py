@@ -132,8 +132,8 @@ def apply_plan(
     slots = n + 1  # slot n collects padding and is dropped
     flat_target = (plan.target + torch.arange(bsz, device=x.device)[:, None] * slots).flatten()
     w = size.float()
-    num = group_sum((x.float() * w[..., None]).view(bsz * n, dim), flat_target, bsz * slots)
-    den = group_sum(w.view(-1), flat_target, bsz * slots)
+    num = group_sum((x.float() * w[..., None]).reshape(bsz * n, dim), flat_target, bsz * slots)
+    den = group_sum(w.reshape(-1), flat_target, bsz * slots)
     num = num.view(bsz, slots, dim)[:, :out_len]
     den = den.view(bsz, slots)[:, :out_len]
     merged_x = (num / den.clamp_min(1e-12)[..., None]).to(x.dtype)

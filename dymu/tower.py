@@ -97,42 +97,58 @@ def _size_bias(size: torch.Tensor, lengths: torch.Tensor, dtype: torch.dtype) ->
 
 @dataclass
 class TokenState:
-    """Tower state after the feature layer, still padded: what a CUDA graph captures."""
+    """Padded tower state between blocks: what a CUDA graph captures and replays."""
 
     x: torch.Tensor  # (B, N, D), CLS first
     size: torch.Tensor  # (B, N)
     pos: torch.Tensor  # (B, P + 1) original position -> token
     lengths: torch.Tensor  # (B,)
-    counts: torch.Tensor  # (B, n_run) tokens after each block that ran
+    counts: torch.Tensor  # (B, blocks run so far) tokens after each block
+    uniform: bool = True  # every size is 1 and nothing padded: attention needs no bias
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.x, self.size, self.pos, self.lengths, self.counts)
+
+    def trimmed(self, n: int) -> TokenState:
+        """Keep the first `n` token slots (n >= every length)."""
+        return TokenState(self.x[:, :n], self.size[:, :n], self.pos, self.lengths, self.counts, self.uniform)
 
 
-def forward_tokens(
-    vt: nn.Module,
-    pixel_values: torch.Tensor,
-    rule: MergeRule,
-    may_merge: list[bool],
-    n_run: int,
-    static: bool,
-) -> TokenState:
-    """Embeddings and the first `n_run` DToMe blocks.
-
-    `static=False` trims the padded length after every merge (one host sync per merging
-    layer; best on CPU). `static=True` keeps every shape fixed and never syncs, so the
-    whole tower can be captured in a CUDA graph; merges and outputs are the same.
-    """
-    heads = vt.config.num_attention_heads
+def embed(vt: nn.Module, pixel_values: torch.Tensor) -> TokenState:
+    """Patch + position embeddings and the pre-LayerNorm: the state entering block 0."""
     dtype = vt.embeddings.patch_embedding.weight.dtype
     x = vt.pre_layrnorm(vt.embeddings(pixel_values.to(dtype)))
     bsz, n, _ = x.shape
     device = x.device
-    lengths = torch.full((bsz,), n, dtype=torch.long, device=device)
-    size = torch.ones(bsz, n, dtype=torch.float32, device=device)
-    pos = torch.arange(n, device=device)[None].repeat(bsz, 1)
-    uniform = True  # every size is 1 and nothing is padded: no attention bias needed
-    counts = []
-    blocks = vt.encoder.layers
-    for i in range(n_run):
-        block = blocks[i]
+    return TokenState(
+        x=x,
+        size=torch.ones(bsz, n, dtype=torch.float32, device=device),
+        pos=torch.arange(n, device=device)[None].repeat(bsz, 1),
+        lengths=torch.full((bsz,), n, dtype=torch.long, device=device),
+        counts=torch.zeros(bsz, 0, dtype=torch.long, device=device),
+    )
+
+
+def run_blocks(
+    vt: nn.Module,
+    state: TokenState,
+    start: int,
+    stop: int,
+    rule: MergeRule,
+    may_merge: list[bool],
+    static: bool,
+) -> TokenState:
+    """DToMe blocks `start..stop-1` on `state`.
+
+    `static=False` trims the padded length after every merge (one host sync per merging
+    layer; best on CPU). `static=True` keeps every shape fixed and never syncs, so the
+    blocks can be captured in a CUDA graph; merges and outputs are the same.
+    """
+    heads = vt.config.num_attention_heads
+    x, size, pos, lengths, uniform = state.x, state.size, state.pos, state.lengths, state.uniform
+    counts = [state.counts]
+    for i in range(start, stop):
+        block = vt.encoder.layers[i]
         bias = None if uniform else _size_bias(size, lengths, x.dtype)
         attn_out, keys = _attention(block, block.layer_norm1(x), bias, heads)
         x = x + attn_out
@@ -148,8 +164,20 @@ def forward_tokens(
                     x, size, pos = apply_plan(plan, x, size, pos, new_max)
                     lengths, uniform = plan.new_lengths, False
         x = x + block.mlp(block.layer_norm2(x))
-        counts.append(lengths)
-    return TokenState(x, size, pos, lengths, torch.stack(counts, dim=1))
+        counts.append(lengths[:, None])
+    return TokenState(x, size, pos, lengths, torch.cat(counts, dim=1), uniform)
+
+
+def forward_tokens(
+    vt: nn.Module,
+    pixel_values: torch.Tensor,
+    rule: MergeRule,
+    may_merge: list[bool],
+    n_run: int,
+    static: bool,
+) -> TokenState:
+    """Embeddings and the first `n_run` DToMe blocks in one go (eager, or one static graph)."""
+    return run_blocks(vt, embed(vt, pixel_values), 0, n_run, rule, may_merge, static)
 
 
 def finish(state: TokenState, num_layers: int) -> TowerOutput:

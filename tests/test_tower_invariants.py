@@ -215,3 +215,23 @@ def test_cuda_graph_replay_equals_eager_on_gpu(tower) -> None:
     for b in range(len(pixels)):
         assert torch.equal(graphed.mapping[b], eager.mapping[b])
         torch.testing.assert_close(graphed.features[b], eager.features[b], rtol=1e-3, atol=1e-4)
+
+
+def test_segmented_static_path_equals_eager(tower) -> None:
+    """The GPU path's segments (static blocks, padding trimmed between segments) run eagerly on CPU."""
+    from dymu.cuda_graph import graphed_forward
+
+    model, pixels, tau = tower
+    vt = vision_transformer(model)
+    rule, may_merge = threshold_rule(tau, _layers(model))
+    n_run = layers_to_run(_layers(model), -2)
+    with torch.no_grad():
+        state = graphed_forward(vt, pixels, rule, may_merge, n_run, ("test",))
+    from dymu.tower import finish
+
+    segmented = finish(state, _layers(model))
+    eager = run_tower(model, pixels, rule, may_merge, static=False)
+    assert torch.equal(segmented.tokens_per_layer, eager.tokens_per_layer)
+    for b in range(len(pixels)):
+        assert torch.equal(segmented.mapping[b], eager.mapping[b])
+        torch.testing.assert_close(segmented.features[b], eager.features[b], rtol=1e-4, atol=1e-5)
