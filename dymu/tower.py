@@ -77,22 +77,37 @@ def threshold_rule(thresholds: torch.Tensor | None, num_layers: int) -> tuple[Me
     return (lambda layer, edges: threshold_merges(edges, values[layer])), [v != math.inf for v in values]
 
 
-def _attention(layer: nn.Module, h: torch.Tensor, bias: torch.Tensor | None, heads: int):
+def proportional_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor | None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + log size_j) v, i.e. attention over keys repeated size_j times.
+
+    Written without an additive bias so SDPA keeps its flash kernel: append the column
+    `size_j` to `size_j * v_j`, attend without bias, and divide the first d output
+    columns by the last one; the softmax normaliser cancels. A padded key has size 0 and
+    so drops out of both. q/k are zero-padded to a multiple of 8 (q.k is unchanged).
+    """
+    if size is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    d = q.shape[-1]
+    pad = -(d + 1) % 8
+    s = size.to(v.dtype)[:, None, :, None].expand(-1, v.shape[1], -1, 1)
+    v_aug = torch.cat([v * s, s, v.new_zeros(*v.shape[:-1], pad)], dim=-1)
+    q_aug, k_aug = F.pad(q, (0, pad + 1)), F.pad(k, (0, pad + 1))
+    out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, scale=d**-0.5)
+    return out[..., :d] / out[..., d : d + 1]
+
+
+def _attention(layer: nn.Module, h: torch.Tensor, size: torch.Tensor | None, heads: int):
+    """CLIP self-attention with proportional attention; returns (output, keys per head)."""
     attn = layer.self_attn
     bsz, n, dim = h.shape
     shape = (bsz, n, heads, dim // heads)
     q = attn.q_proj(h).view(shape).transpose(1, 2)
     k = attn.k_proj(h).view(shape).transpose(1, 2)
     v = attn.v_proj(h).view(shape).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out = proportional_attention(q, k, v, size)
     return attn.out_proj(out.transpose(1, 2).reshape(bsz, n, dim)), k
-
-
-def _size_bias(size: torch.Tensor, lengths: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Proportional attention: +log(size_j) on every key j, -inf on padded keys."""
-    pad = torch.arange(size.shape[1], device=size.device)[None] >= lengths[:, None]
-    bias = size.float().log().masked_fill(pad, float("-inf"))
-    return bias[:, None, None, :].to(dtype)
 
 
 @dataclass
@@ -100,7 +115,7 @@ class TokenState:
     """Padded tower state between blocks: what a CUDA graph captures and replays."""
 
     x: torch.Tensor  # (B, N, D), CLS first
-    size: torch.Tensor  # (B, N)
+    size: torch.Tensor  # (B, N) patches per token; 0 on padding
     pos: torch.Tensor  # (B, P + 1) original position -> token
     lengths: torch.Tensor  # (B,)
     counts: torch.Tensor  # (B, blocks run so far) tokens after each block
@@ -149,8 +164,7 @@ def run_blocks(
     counts = [state.counts]
     for i in range(start, stop):
         block = vt.encoder.layers[i]
-        bias = None if uniform else _size_bias(size, lengths, x.dtype)
-        attn_out, keys = _attention(block, block.layer_norm1(x), bias, heads)
+        attn_out, keys = _attention(block, block.layer_norm1(x), None if uniform else size, heads)
         x = x + attn_out
         if may_merge[i]:
             edges = bipartite_edges(keys.mean(1), lengths)

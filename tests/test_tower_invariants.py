@@ -14,7 +14,7 @@ from clip_models import blocky_pixels, vitl_geometry_clip
 
 import dymu
 from dymu.merge import apply_plan, bipartite_edges, plan_merges, threshold_merges
-from dymu.tower import _attention, _size_bias, layers_to_run, run_tower, threshold_rule, vision_transformer
+from dymu.tower import _attention, layers_to_run, run_tower, threshold_rule, vision_transformer
 
 INF = math.inf
 
@@ -162,19 +162,38 @@ def test_v4_v5_merge_step_matches_plain_reference_with_padding(tau: float) -> No
         assert torch.equal(got_pos[b], want_pos)
 
 
-def test_v6_log_size_bias_equals_repeated_keys(tower) -> None:
+def test_v6_proportional_attention_equals_repeated_keys(tower) -> None:
+    """V6, plus padding: a size-0 key is ignored exactly like a missing one."""
     model, _, _ = tower
     block = vision_transformer(model).encoder.layers[0]
     heads = model.config.num_attention_heads
     gen = torch.Generator().manual_seed(5)
-    h = torch.randn(1, 7, model.config.hidden_size, generator=gen)
-    sizes = torch.tensor([[1.0, 3.0, 1.0, 2.0, 4.0, 1.0, 2.0]])
+    h = torch.randn(1, 9, model.config.hidden_size, generator=gen)
+    sizes = torch.tensor([[1.0, 3.0, 1.0, 2.0, 4.0, 1.0, 2.0, 0.0, 0.0]])  # last two are padding
     with torch.no_grad():
-        biased, _ = _attention(block, h, _size_bias(sizes, torch.tensor([7]), h.dtype), heads)
+        proportional, _ = _attention(block, h, sizes, heads)
         reps = sizes[0].long()
-        repeated, _ = _attention(block, h[:, torch.arange(7).repeat_interleave(reps)], None, heads)
-    first = torch.cumsum(reps, 0) - reps
-    torch.testing.assert_close(biased[0], repeated[0, first], rtol=1e-4, atol=1e-5)
+        repeated, _ = _attention(block, h[:, torch.arange(9).repeat_interleave(reps)], None, heads)
+    first = (torch.cumsum(reps, 0) - reps)[:7]
+    torch.testing.assert_close(proportional[0, :7], repeated[0, first], rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_merge_matches_fp32_merge() -> None:
+    """The 16-bit assignment-matmul merge agrees with the fp32 index_add merge to bf16 precision."""
+    gen = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([9, 6])
+    x = torch.randn(2, 9, 16, generator=gen)
+    size = torch.randint(1, 5, (2, 9), generator=gen).float()
+    size[1, 6:] = 0
+    metric = torch.randn(2, 9, 4, generator=gen)
+    pos = torch.randint(0, 6, (2, 12), generator=gen)
+    edges = bipartite_edges(metric, lengths)
+    plan = plan_merges(threshold_merges(edges, -1.0), edges.dst, lengths, 9)
+    x32, s32, p32 = apply_plan(plan, x, size, pos, 9)
+    x16, s16, p16 = apply_plan(plan, x.bfloat16(), size, pos, 9)
+    assert torch.equal(s32, s16) and torch.equal(p32, p16)
+    torch.testing.assert_close(x16.float(), x32, rtol=2e-2, atol=2e-2)
+    assert s32[0, int(plan.new_lengths[0]) :].eq(0).all(), "padding slots must carry size 0"
 
 
 def test_v7_batched_equals_per_image(tower) -> None:
