@@ -179,7 +179,7 @@ def test_v6_proportional_attention_equals_repeated_keys(tower) -> None:
 
 
 def test_bf16_merge_matches_fp32_merge() -> None:
-    """The 16-bit assignment-matmul merge agrees with the fp32 index_add merge to bf16 precision."""
+    """A bf16 merge (fp32 accumulation) agrees with the fp32 merge to bf16 precision."""
     gen = torch.Generator().manual_seed(3)
     lengths = torch.tensor([9, 6])
     x = torch.randn(2, 9, 16, generator=gen)
