@@ -121,6 +121,60 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_infer(args: argparse.Namespace) -> int:
+    """Answer a prompt about one or more images with DyMU-LLaVA (default: the tiny model)."""
+    from .api import format_prompt, load
+    from .images import load_image
+    from .vision_loading import read_config
+
+    if args.model_path is not None:
+        read_config(args.model_path)  # fail on a bad model path before touching the images
+    images = [load_image(p) for p in args.image] if args.image else None
+    thresholds = args.thresholds
+    if args.model_path is None:
+        from .sample_images import make_sample_images
+        from .tiny import ensure_tiny_checkpoints
+
+        paths = ensure_tiny_checkpoints()
+        model_path = paths[
+            "llava-hf-tiny-safetensors" if args.family != "legacy" else "llava-v1.5-tiny-safetensors"
+        ]
+        images = images or make_sample_images(3)
+        if thresholds is None and not args.stock:
+            from . import calibrate
+            from .vision_loading import load_vision_tower
+
+            tower, processor = load_vision_tower(paths["clip"])
+            thresholds = calibrate(tower, make_sample_images(16, seed=1), 16, 16, processor, progress=False)
+        note = "embedded tiny LLaVA-1.5 (random weights: answers are noise, the plumbing is real)"
+    else:
+        model_path = Path(args.model_path)
+        note = str(model_path)
+        if images is None:
+            raise DymuError("--image is required with --model-path")
+    if args.stock:
+        thresholds = None
+    model = load(model_path, thresholds=thresholds, vtu=args.vtu, family=args.family,
+                 dtype=_dtype(args.dtype), device=args.device)  # fmt: skip
+    prompt = args.prompt if args.raw_prompt else format_prompt(args.prompt)
+    answers = model.generate([prompt] * len(images), images, max_new_tokens=args.max_new_tokens)
+    names = args.image or [f"sample-{i}" for i in range(len(images))]
+    rows = [
+        {"image": str(name), "answer": a.text, "visual_tokens": a.visual_tokens, "token_ids": a.token_ids}
+        for name, a in zip(names, answers, strict=True)
+    ]
+    if args.json:
+        print(json.dumps({"model": str(model_path), "family": model.family, "vtu": args.vtu,
+                          "dymu": thresholds is not None, "results": rows}))  # fmt: skip
+    else:
+        print(
+            f"model: {note} [{model.family}], vtu={args.vtu}, {'DyMU' if thresholds is not None else 'stock'}"
+        )
+        for row in rows:
+            print(f"{row['image']}: [{row['visual_tokens']} visual tokens] {row['answer']!r}")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Print the installed stack, so a bug report carries the versions."""
     from .versions import installed
@@ -177,6 +231,27 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--no-progress", action="store_true")
     cal.add_argument("--json", action="store_true", help="print a JSON summary")
     cal.set_defaults(func=cmd_calibrate)
+
+    inf = sub.add_parser("infer", help=cmd_infer.__doc__)
+    inf.add_argument("--model-path", help="llava-hf or liuhaotian checkpoint dir (default: the tiny model)")
+    inf.add_argument("--image", nargs="+", help="image file(s) (default with the tiny model: samples)")
+    inf.add_argument(
+        "--prompt", default="What is shown in this image?", help="question (wrapped in LLaVA's template)"
+    )
+    inf.add_argument(
+        "--raw-prompt", action="store_true", help="use --prompt as the full prompt (must hold <image>)"
+    )
+    inf.add_argument("--thresholds", help=".pth / .safetensors / .json thresholds (none: stock tower)")
+    inf.add_argument(
+        "--stock", action="store_true", help="no merging (stock LLaVA) even for the tiny default"
+    )
+    inf.add_argument("--vtu", choices=["fast", "none"], default="fast")
+    inf.add_argument("--family", choices=["auto", "hf", "legacy"], default="auto")
+    inf.add_argument("--max-new-tokens", type=int, default=32)
+    inf.add_argument("--device", default="cpu")
+    inf.add_argument("--dtype", default="float32")
+    inf.add_argument("--json", action="store_true")
+    inf.set_defaults(func=cmd_infer)
 
     doc = sub.add_parser("doctor", help=cmd_doctor.__doc__)
     doc.add_argument("--json", action="store_true")
