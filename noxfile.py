@@ -54,6 +54,8 @@ def tests(session: nox.Session, cell: str) -> None:
     """Unit tests in one matrix cell's stack."""
     session.install(*cell_requirements(cell))
     session.install("-e", ".[test]")
+    if CELLS["cells"][cell].get("legacy"):
+        session.install("--no-deps", *CELLS["cells"][cell]["legacy"])
     report = ROOT / ".nox" / f"junit-{cell}.xml"
     session.run("dymu", "doctor")
     session.run(

@@ -125,12 +125,13 @@ def cmd_infer(args: argparse.Namespace) -> int:
     """Answer a prompt about one or more images with DyMU-LLaVA (default: the tiny model)."""
     from .api import format_prompt, load
     from .images import load_image
+    from .thresholds import load_thresholds
     from .vision_loading import read_config
 
     if args.model_path is not None:
         read_config(args.model_path)  # fail on a bad model path before touching the images
     images = [load_image(p) for p in args.image] if args.image else None
-    thresholds = args.thresholds
+    thresholds = load_thresholds(args.thresholds) if args.thresholds else None  # fail before loading a model
     if args.model_path is None:
         from .sample_images import make_sample_images
         from .tiny import ensure_tiny_checkpoints
@@ -176,21 +177,13 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    """Print the installed stack, so a bug report carries the versions."""
+    """Print the installed stack, the patch set it selects, and each fix's verify() result."""
+    from .compat import all_fixes, check
     from .versions import installed
 
-    packages = [
-        "torch",
-        "transformers",
-        "tokenizers",
-        "safetensors",
-        "huggingface-hub",
-        "accelerate",
-        "numpy",
-        "pillow",
-        "llava-torch",
-    ]
-    info = {
+    packages = ["torch", "transformers", "tokenizers", "safetensors", "huggingface-hub", "accelerate",
+                "numpy", "pillow", "llava-torch"]  # fmt: skip
+    info: dict = {
         "python": platform.python_version(),
         **{p: str(installed(p) or "not installed") for p in packages},
     }
@@ -200,11 +193,30 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available"
     except ImportError as err:
         info["cuda"] = f"torch import failed: {err}"
+    fixes = [check(fix, negative=args.negative) for fix in all_fixes().values()]
+    info["patch_set"] = [f["fix"] for f in fixes if f["needed"] == "yes"]
+    info["fixes"] = fixes
     if args.json:
         print(json.dumps(info))
     else:
         for key, value in info.items():
-            print(f"{key:>16}: {value}")
+            if key not in ("fixes", "patch_set"):
+                print(f"{key:>16}: {value}")
+        print(f"{'patch set':>16}: {', '.join(info['patch_set']) or '(none)'}")
+        for f in fixes:
+            neg = f" | negative control: {f['negative']}" if args.negative else ""
+            print(
+                f"  {f['fix']:<16} needed={f['needed']:<3} verify={f['verify']:<7} {f.get('detail', '')}{neg}"
+            )
+    failed = [f["fix"] for f in fixes if f["verify"] == "failed"]
+    return 1 if failed else 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Copy a .bin checkpoint directory with its weights rewritten as safetensors."""
+    from .checkpoints import convert_to_safetensors
+
+    print(f"wrote {convert_to_safetensors(args.src, args.dst)}")
     return 0
 
 
@@ -255,7 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     doc = sub.add_parser("doctor", help=cmd_doctor.__doc__)
     doc.add_argument("--json", action="store_true")
+    doc.add_argument("--negative", action="store_true", help="also run each needed fix's negative control")
     doc.set_defaults(func=cmd_doctor)
+
+    conv = sub.add_parser("convert", help=cmd_convert.__doc__)
+    conv.add_argument("src", type=Path, help="checkpoint directory with pytorch_model*.bin")
+    conv.add_argument("dst", type=Path, help="new directory to write")
+    conv.set_defaults(func=cmd_convert)
 
     bench = sub.add_parser("bench", help=cmd_bench.__doc__, add_help=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for python -m dymu.bench.tower")

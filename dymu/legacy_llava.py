@@ -8,7 +8,9 @@ device_map), and on transformers 4.x sentencepiece + protobuf for its slow token
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,18 +60,45 @@ def legacy_tokenizer(path: str | Path) -> Any:
     return cls.from_pretrained(str(path))
 
 
+@contextlib.contextmanager
+def _builder_dtype(cls: type, dtype: torch.dtype) -> Iterator[None]:
+    """Make the builder's hard-coded `torch_dtype=torch.float16` the caller's dtype.
+
+    Loading in fp16 and casting afterwards is lossy: transformers < 4.43 builds its RoPE
+    tables at init in the load dtype, so an fp32 model would keep fp16-rounded cos/sin.
+    """
+    original = cls.__dict__.get("from_pretrained")
+    inherited = cls.from_pretrained.__func__
+
+    def from_pretrained(klass, *args: Any, **kwargs: Any):
+        for key in ("torch_dtype", "dtype"):
+            if key in kwargs:
+                kwargs[key] = dtype
+        return inherited(klass, *args, **kwargs)
+
+    cls.from_pretrained = classmethod(from_pretrained)
+    try:
+        yield
+    finally:
+        if original is None:
+            del cls.from_pretrained
+        else:
+            cls.from_pretrained = original
+
+
 def load_legacy(path: str | Path, dtype: torch.dtype, device: str) -> tuple[torch.nn.Module, Any, Any]:
     """(model, tokenizer, image processor) via the package's own `load_pretrained_model`."""
     from .compat import apply_patch_set
 
-    import_legacy()
+    legacy = import_legacy()
     apply_patch_set()
     from llava.model.builder import load_pretrained_model
 
     # model_name only has to contain "llava" for the builder to pick LlavaLlamaForCausalLM
-    _, model, image_processor, _ = load_pretrained_model(
-        str(path), None, "llava-v1.5", device_map=device, device=device
-    )
+    with _builder_dtype(legacy.LlavaLlamaForCausalLM, dtype):
+        _, model, image_processor, _ = load_pretrained_model(
+            str(path), None, "llava-v1.5", device_map=device, device=device
+        )
     tokenizer = legacy_tokenizer(path)
     return model.to(device=device, dtype=dtype).eval(), tokenizer, image_processor
 

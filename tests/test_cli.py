@@ -1,0 +1,82 @@
+"""The CLI: the embedded default runs; bad input gets one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from dymu.cli import main
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_infer_on_the_embedded_tiny_model(capsys) -> None:
+    code, out, _ = _run(capsys, "infer", "--max-new-tokens", "3", "--json")
+    assert code == 0
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["family"] == "hf" and report["dymu"] is True
+    tokens = [r["visual_tokens"] for r in report["results"]]
+    assert len(tokens) == 3 and all(0 < t < 64 for t in tokens)
+    assert all(len(r["token_ids"]) == 3 for r in report["results"])
+
+
+def _bad_dirs(tmp: pathlib.Path) -> dict[str, pathlib.Path]:
+    no_weights = tmp / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    bert = tmp / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    broken = tmp / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    image = tmp / "not-an-image.png"
+    image.write_text("hello")
+    return {"no_weights": no_weights, "bert": bert, "broken": broken, "image": image}
+
+
+@pytest.mark.parametrize(
+    ("case", "pattern"),
+    [
+        ("missing", "model path does not exist"),
+        ("no_weights", "no model weights"),
+        ("bert", "unsupported model_type 'bert'"),
+        ("broken", "malformed JSON"),
+        ("image", "not a readable image"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, tiny_checkpoints, case, pattern) -> None:
+    dirs = _bad_dirs(tmp_path)
+    good_model = str(tiny_checkpoints["llava-hf-tiny-safetensors"])
+    good_image = str(tmp_path / "ok.png")
+    from dymu.sample_images import make_sample_images
+
+    make_sample_images(1)[0].save(good_image)
+    model = {"missing": str(tmp_path / "nope"), "image": good_model}.get(case, str(dirs.get(case, "")))
+    image = str(dirs["image"]) if case == "image" else good_image
+    code, _out, err = _run(capsys, "infer", "--model-path", model, "--image", image, "--max-new-tokens", "2")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dymu: error: "), err
+    assert pattern in lines[0]
+
+
+def test_bad_thresholds_file_via_cli(capsys, tmp_path) -> None:
+    bad = tmp_path / "t.json"
+    bad.write_text("[1, 2")
+    code, _, err = _run(capsys, "infer", "--thresholds", str(bad), "--max-new-tokens", "1")
+    assert code == 2 and "malformed JSON" in err and len(err.strip().splitlines()) == 1
+
+
+def test_convert_bin_to_safetensors(capsys, tmp_path, tiny_checkpoints) -> None:
+    dst = tmp_path / "converted"
+    code, _out, _ = _run(capsys, "convert", str(tiny_checkpoints["llava-hf-tiny-bin"]), str(dst))
+    assert code == 0 and (dst / "model.safetensors").is_file() and not list(dst.glob("*.bin"))
+    code, _, err = _run(capsys, "convert", str(tiny_checkpoints["llava-hf-tiny-bin"]), str(dst))
+    assert code == 2 and "already exists" in err
