@@ -3,7 +3,8 @@
 at run time by `dymu.compat` (never vendored or edited on disk).
 
 Runtime needs beyond torch/transformers: pillow and accelerate (the builder always passes a
-device_map), and on transformers 4.x sentencepiece + protobuf for its slow tokenizer.
+device_map), and sentencepiece + protobuf: liuhaotian checkpoints ship only `tokenizer.model`
+(transformers 4.x reads it with the slow tokenizer, 5.x converts it).
 """
 
 from __future__ import annotations

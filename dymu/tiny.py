@@ -30,7 +30,9 @@ Packages each path needs:
 * legacy format, slow tokenizer (``AutoTokenizer(..., use_fast=False)`` as ``llava`` does, only on
   transformers < 5): ``sentencepiece`` and ``protobuf`` (``legacy: false`` makes the slow Llama
   tokenizer rewrite the sentencepiece proto);
-* fast tokenizer, either format: ``tokenizers`` only (``tokenizer.json`` is shipped);
+* fast tokenizer, llava-hf format: ``tokenizers`` only (``tokenizer.json`` is shipped there);
+* legacy format on transformers 5: ``sentencepiece`` and ``protobuf`` to convert ``tokenizer.model``
+  (the liuhaotian dirs, like the real ones, have no ``tokenizer.json``);
 * llava-hf ``AutoProcessor``: transformers >= 4.43 (older ones raise TypeError on the hub-shaped
   ``processor_config.json``); >= 4.45 to expand ``<image>`` into one token per image feature.
 
@@ -61,7 +63,7 @@ TOKENIZER_JSON = DATA_DIR / "tiny_tokenizer.json"
 
 # Bump when anything that changes the written files changes (layout, init rule, config keys): it is
 # part of the cache key, so stale caches are never reused.
-FIXTURE_VERSION = 1
+FIXTURE_VERSION = 2  # 2: legacy dirs ship tokenizer.model only, like liuhaotian checkpoints
 
 CLIP_DIR = "clip"
 LEGACY_BIN = "llava-v1.5-tiny-bin"
@@ -88,8 +90,9 @@ KNOWN_DIFFERENCES = (
     "openai/clip-vit-large-patch14-336 is a full CLIPModel checkpoint.",
     "Legacy checkpoints hold no vision tower weights; the legacy builder loads them from mm_vision_tower.",
     "Tokenizer is a 512-piece sentencepiece BPE trained on a few lines of English, not Llama's 32000.",
-    "Both formats ship tokenizer.json next to tokenizer.model (liuhaotian/llava-v1.5-7b ships only "
-    "tokenizer.model), so transformers 5 never has to convert a sentencepiece model.",
+    "The llava-hf dirs ship tokenizer.json; the liuhaotian dirs ship only tokenizer.model, as "
+    "liuhaotian/llava-v1.5-7b does, so transformers 5 must convert the sentencepiece model (needs "
+    "sentencepiece + protobuf) and 5.0-5.2's AutoTokenizer mis-resolution is reproduced.",
     "The llava-hf vocab is padded from 514 to a multiple of 64 (576) with zero rows in embed_tokens "
     "and lm_head, as llava-hf pads 32002 to 32064; zero lm_head rows give logit 0.",
     "tokenizer.json uses Metaspace(prepend_scheme='first'), what 'legacy: false' means, so slow and "
@@ -569,11 +572,10 @@ def _tokenizer_files(spec: TinySpec, hf: bool) -> dict[str, Any]:
         )
         special_map["pad_token"] = "<unk>"
     config["added_tokens_decoder"] = decoder
-    return {
-        "tokenizer.json": json.dumps(tok_json, ensure_ascii=False, indent=2) + "\n",
-        "tokenizer_config.json": config,
-        "special_tokens_map.json": special_map,
-    }
+    files: dict[str, Any] = {"tokenizer_config.json": config, "special_tokens_map.json": special_map}
+    if hf:  # liuhaotian checkpoints ship tokenizer.model alone
+        files["tokenizer.json"] = json.dumps(tok_json, ensure_ascii=False, indent=2) + "\n"
+    return files
 
 
 def _write_json(path: Path, obj: Any) -> None:

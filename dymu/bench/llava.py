@@ -1,0 +1,263 @@
+"""LLaVA-1.5 benchmark: stock vs DyMU side by side, per stage (DESIGN.md benchmark protocol).
+
+Stages: vision tower, prefill (LLM only: stock full-length forward vs fast-VTU prefill
+into a cache), decode (ms/token from each prefilled cache), end to end (generate with a
+fixed number of new tokens). Weights are RANDOM (seeded): timings only.
+
+Run: `python -m dymu.bench.llava --size full --device cuda` (LLaVA-1.5-7B architecture)
+or `--size small` on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import write_text_atomic
+from ..calibrate import calibrate
+from ..generation import cache_kwarg, generate_prepared, new_cache, prepare
+from ..hf_llava import stock_inputs
+from ..images import preprocess
+from ..llava import IMAGE, find_parts
+from ..tower import encode_images
+from ..vtu import vtu_prefill
+from .images import bench_images, clip_processor
+from .timing import peak_memory_mb, time_side_by_side
+from .tower import GEOMETRIES, device_name
+
+TEXT = {  # Llama-2-7B / Vicuna-7B as in LLaVA-1.5-7B; "small" runs on a CPU
+    "full": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+    },
+    "small": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4},
+}
+
+
+def build_llava(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """A random-weight LLaVA-1.5 (`LlavaForConditionalGeneration`) built directly on `device`."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(image_size=336, patch_size=14, num_hidden_layers=24, hidden_act="quick_gelu",
+                              **GEOMETRIES["full" if size == "full" else "small"])  # fmt: skip
+    text = LlamaConfig(vocab_size=32064, max_position_embeddings=4096, **TEXT[size])
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
+                      projector_hidden_act="gelu", vision_feature_layer=-2)  # fmt: skip
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    return model.to(device, dtype).eval()
+
+
+def prompt_ids(batch: int, text_tokens: int, seed: int = 0) -> list[list[int]]:
+    """Synthetic prompts: `text_tokens` random ids around one image placeholder."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(batch):  # equal lengths: prefill timings compare unpadded work
+        ids = torch.randint(3, 31000, (text_tokens,), generator=gen).tolist()
+        out.append([1, *ids[:20], IMAGE, *ids[20:]])
+    return out
+
+
+def run(size: str = "small", device: str = "cpu", dtype: str = "float32", batch_sizes=(1, 8),
+        target_tokens: int = 72, text_tokens: int = 40, new_tokens: int = 32, repeats: int = 5,
+        warmup: int = 2) -> dict[str, Any]:  # fmt: skip
+    """Every stage for stock and DyMU-fast at each batch size."""
+    dev, torch_dtype = torch.device(device), getattr(torch, dtype)
+    model = build_llava(size, dev, torch_dtype)
+    parts = find_parts(model)
+    processor = clip_processor(336)
+    tau = calibrate(parts.vision, bench_images(64, seed=1), target_tokens, batch_size=32, processor=processor,
+                    progress=False)  # fmt: skip
+    images = bench_images(max(batch_sizes), seed=2)
+    rows = []
+    for bsz in batch_sizes:
+        ids = prompt_ids(bsz, text_tokens)
+        pixels = preprocess(images[:bsz], processor).to(dev, torch_dtype)
+        stock_in = stock_inputs(parts, ids, pixels)
+        prepared = prepare(parts, ids, pixels, tau)
+        full_embeds = _stock_embeds(parts, stock_in)
+        merged, idx = _merged(parts, ids, pixels, tau)
+
+        def stock_prefill(e=full_embeds, m=stock_in["attention_mask"]):
+            with torch.no_grad():
+                out = parts.decoder(inputs_embeds=e, attention_mask=m, use_cache=True)
+                return parts.lm_head(out.last_hidden_state[:, -1])
+
+        def dymu_prefill(e=merged, i=idx):
+            out = vtu_prefill(parts.decoder, e, i)
+            cache = new_cache(model, out.keys, out.values)
+            return parts.lm_head(out.hidden[:, -1]), cache
+
+        def stock_e2e(inputs=stock_in):
+            with torch.no_grad():
+                return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      do_sample=False, pad_token_id=0)  # fmt: skip
+
+        def dymu_e2e(ids=ids, pixels=pixels):
+            batch = prepare(parts, ids, pixels, tau)
+            return generate_prepared(parts, batch, new_tokens, min_new_tokens=new_tokens)
+
+        stages = {
+            "vision": time_side_by_side(
+                {
+                    "stock": lambda p=pixels: _stock_tower(parts, p),
+                    "dymu": lambda p=pixels: encode_images(parts.vision, p, tau),
+                },
+                dev,
+                warmup,
+                repeats,
+            ),
+            "prefill": time_side_by_side(
+                {"stock": stock_prefill, "dymu": dymu_prefill}, dev, warmup, repeats
+            ),
+            "e2e": time_side_by_side({"stock": stock_e2e, "dymu": dymu_e2e}, dev, 1, max(2, repeats // 2)),
+        }
+        decode = {
+            "stock": _decode_ms_per_token(model, stock_in, None, new_tokens, dev),
+            "dymu": _decode_ms_per_token(model, stock_in, prepared, new_tokens, dev),
+        }
+        memory = {
+            "prefill": {
+                "stock": peak_memory_mb(stock_prefill, dev),
+                "dymu": peak_memory_mb(dymu_prefill, dev),
+            }
+        }
+        rows.append({
+            "batch_size": bsz,
+            "visual_tokens": {"mean": sum(prepared.visual_tokens) / bsz, "min": min(prepared.visual_tokens),
+                              "max": max(prepared.visual_tokens)},
+            "virtual_length": int(prepared.attention_mask.shape[1]),
+            "stages": stages,
+            "decode_ms_per_token": decode,
+            "peak_memory_mb": memory,
+            "ratios_stock_over_dymu": {k: v["stock"]["mean_ms"] / v["dymu"]["mean_ms"] for k, v in stages.items()}
+            | {"decode": decode["stock"] / decode["dymu"]},
+        })  # fmt: skip
+    import transformers
+
+    return {
+        "benchmark": "llava", "size": size, "weights": "random (seeded); timings only, no accuracy meaning",
+        "device": device_name(dev), "dtype": dtype, "torch": torch.__version__,
+        "transformers": transformers.__version__, "target_tokens": target_tokens, "new_tokens": new_tokens,
+        "vtu": "fast", "rows": rows,
+    }  # fmt: skip
+
+
+def _stock_tower(parts, pixels):
+    with torch.no_grad():
+        return parts.vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+
+
+@torch.no_grad()
+def _stock_embeds(parts, stock_in) -> torch.Tensor:
+    """The full-length input embeddings stock LLaVA feeds its decoder (576 image rows per image)."""
+    ids = stock_in["input_ids"]
+    feats = parts.projector(_stock_tower(parts, stock_in["pixel_values"]))
+    embeds = parts.decoder.embed_tokens(ids.clamp_max(parts.decoder.embed_tokens.num_embeddings - 1))
+    image_rows = ids == parts.image_token_id
+    if int(image_rows.sum()) == feats.shape[0] * feats.shape[1]:
+        embeds[image_rows] = feats.reshape(-1, feats.shape[-1]).to(embeds.dtype)
+        return embeds
+    raise RuntimeError("benchmark needs transformers >= 4.47 (expanded image tokens) for the stock prefill")
+
+
+@torch.no_grad()
+def _merged(parts, ids, pixels, tau):
+    """Merged sequence and virtual index, as prepare() builds them (no padding: equal text lengths)."""
+    tower = encode_images(parts.vision, pixels, tau)
+    proj = parts.projector(tower.padded)
+    rows, idx = [], []
+    for b, row in enumerate(ids):
+        k = row.index(IMAGE)
+        text = parts.decoder.embed_tokens(torch.tensor(row[:k] + row[k + 1 :], device=pixels.device))
+        n_m = int(tower.num_tokens[b])
+        rows.append(torch.cat([text[:k], proj[b, :n_m], text[k:]]))
+        idx.append(torch.cat([torch.arange(k, device=pixels.device), k + tower.mapping[b],
+                              k + n_m + torch.arange(len(row) - k - 1, device=pixels.device)]))  # fmt: skip
+    width = max(len(r) for r in rows)
+    merged = torch.zeros(len(rows), width, rows[0].shape[-1], dtype=rows[0].dtype, device=pixels.device)
+    vwidth = max(len(i) for i in idx)
+    index = torch.zeros(len(rows), vwidth, dtype=torch.long, device=pixels.device)
+    for b, (r, i) in enumerate(zip(rows, idx, strict=True)):  # right-aligned; prefill timing only
+        merged[b, width - len(r) :] = r
+        index[b, vwidth - len(i) :] = i + (width - len(r))
+    return merged, index
+
+
+@torch.no_grad()
+def _decode_ms_per_token(model, stock_in, prepared, steps: int, dev: torch.device) -> float:
+    """Mean ms per decode step from a prefilled cache (stock: the model's own prefill)."""
+    import time
+
+    if prepared is None:
+        out = model(**stock_in, use_cache=True)
+        cache, mask = out.past_key_values, stock_in["attention_mask"]
+        token = out.logits[:, -1:].argmax(-1)
+    else:
+        cache, mask = prepared.cache, prepared.attention_mask
+        token = prepared.virtual_ids[:, -1:]
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    start = time.perf_counter()
+    for _ in range(steps):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        position = mask.sum(-1, keepdim=True) - 1
+        out = model(input_ids=token, attention_mask=mask, position_ids=position, use_cache=True,
+                    **{cache_kwarg(): cache})  # fmt: skip
+        cache = out.past_key_values
+        token = out.logits[:, -1:].argmax(-1)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return (time.perf_counter() - start) * 1e3 / steps
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"llava bench: {report['size']}, {report['dtype']}, {report['device']}, torch {report['torch']}, "
+             f"transformers {report['transformers']} ({report['weights']})",
+             f"{'batch':>5} {'vis tok':>8} {'stage':>8} {'stock ms':>10} {'dymu ms':>10} {'stock/dymu':>11}"]  # fmt: skip
+    for row in report["rows"]:
+        for stage, cand in row["stages"].items():
+            lines.append(f"{row['batch_size']:>5} {row['visual_tokens']['mean']:>8.1f} {stage:>8} "
+                         f"{cand['stock']['mean_ms']:>10.2f} {cand['dymu']['mean_ms']:>10.2f} "
+                         f"{row['ratios_stock_over_dymu'][stage]:>10.2f}x")  # fmt: skip
+        d = row["decode_ms_per_token"]
+        lines.append(f"{row['batch_size']:>5} {'':>8} {'decode':>8} {d['stock']:>10.2f} {d['dymu']:>10.2f} "
+                     f"{d['stock'] / d['dymu']:>10.2f}x  (ms/token)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dymu.bench.llava", description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(TEXT), default="small")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--target-tokens", type=int, default=72)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    report = run(args.size, args.device, dtype, tuple(args.batch_sizes), args.target_tokens,
+                 new_tokens=args.new_tokens, repeats=args.repeats)  # fmt: skip
+    print(format_table(report))
+    if args.out:
+        write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
