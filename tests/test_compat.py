@@ -11,8 +11,8 @@ FIXES = sorted(all_fixes())
 
 
 def test_patch_data_names_only_registered_fixes() -> None:
-    expected = {"scatter", "weights-only", "safetensors", "cache-format", "generate-kwargs", "causal-mask",
-                "loader-kwargs", "tokenizer", "legacy-import"}  # fmt: skip
+    expected = {"scatter", "weights-only", "safetensors", "cache-format", "generate-kwargs", "cache-rename",
+                "causal-mask", "loader-kwargs", "tokenizer", "legacy-import"}  # fmt: skip
     assert set(FIXES) == expected
     for fix in all_fixes().values():
         assert fix.error and fix.remove_when and fix.summary

@@ -87,8 +87,10 @@ def _negative_generate_kwargs() -> None:
         cls.forward = patched
 
 
-register("generate-kwargs", verify=_verify_generate_kwargs, negative=_negative_generate_kwargs,
-         apply=_apply_generate_kwargs, requires=LEGACY)  # fmt: skip
+# one forward wrapper serves both names; each is checked where its transformers range needs it
+for _name in ("generate-kwargs", "cache-rename"):
+    register(_name, verify=_verify_generate_kwargs, negative=_negative_generate_kwargs,
+             apply=_apply_generate_kwargs, requires=LEGACY)  # fmt: skip
 
 # ---------------------------------------------------------------- loader-kwargs
 
