@@ -42,11 +42,11 @@ def head_dim(config) -> int:
 
 
 def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin (B, 1, N, dim) for HF's rotate-half RoPE convention, computed in float32."""
+    """cos/sin (B, N, 1, dim) for HF's rotate-half RoPE convention, computed in float32."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+    return emb.cos()[:, :, None].to(dtype), emb.sin()[:, :, None].to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -73,6 +73,28 @@ def remerge_rows(y: torch.Tensor, idx: torch.Tensor, n_u: int, deterministic: bo
     return out.view(bsz, n_u, *y.shape[2:])
 
 
+class Remerger:
+    """P·y for a fixed mapping, built once per prefill and reused by every layer.
+
+    A 0/1 assignment matrix (B, N_u, N) turns the group sums into one batched matmul
+    (fp32 accumulation, deterministic, no atomics), then a float32 scale by 1/count.
+    """
+
+    def __init__(self, idx: torch.Tensor, n_u: int, dtype: torch.dtype) -> None:
+        bsz, n = idx.shape
+        self.assign = torch.zeros(bsz, n_u, n, dtype=dtype, device=idx.device)
+        self.assign.scatter_(1, idx[:, None, :], 1.0)
+        self.assign_t = self.assign.transpose(1, 2).contiguous()
+        self.inv_count = 1.0 / self.assign.float().sum(-1, keepdim=True).clamp_min(1.0)
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        return (torch.bmm(self.assign, y).float() * self.inv_count).to(y.dtype)
+
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        """M·e as one matmul: each virtual row copies exactly one merged row (exact in any dtype)."""
+        return torch.bmm(self.assign_t, x)
+
+
 @dataclass
 class VtuOutput:
     """Final-norm hidden states on merged rows, and per-layer post-RoPE (K, V) at length N."""
@@ -92,16 +114,17 @@ def virtual_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def _layer(layer: nn.Module, x, idx, cos, sin, mask, config, deterministic: bool):
+def _layer(layer: nn.Module, x, cos, sin, mask, config, remerge: Remerger):
     attn = layer.self_attn
-    bsz, n_u, _ = x.shape
+    bsz = x.shape[0]
     heads, kv_heads, hd = config.num_attention_heads, config.num_key_value_heads, head_dim(config)
     h = layer.input_layernorm(x)
-    q = attn.q_proj(h).view(bsz, n_u, heads, hd)
-    k = attn.k_proj(h).view(bsz, n_u, kv_heads, hd)
-    v = attn.v_proj(h).view(bsz, n_u, kv_heads, hd)
-    q, k, v = (expand_rows(t, idx).transpose(1, 2) for t in (q, k, v))
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    qkv = torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1)  # N_u rows
+    qkv = remerge.expand(qkv).view(bsz, -1, heads + 2 * kv_heads, hd)  # N virtual rows
+    n = qkv.shape[1]
+    qk = apply_rope(qkv[:, :, : heads + kv_heads], cos, sin)  # one RoPE pass for q and k
+    q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
+    v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
     rep = heads // kv_heads
     k_att = k.repeat_interleave(rep, dim=1) if rep > 1 else k
     v_att = v.repeat_interleave(rep, dim=1) if rep > 1 else v
@@ -109,7 +132,7 @@ def _layer(layer: nn.Module, x, idx, cos, sin, mask, config, deterministic: bool
         out = F.scaled_dot_product_attention(q, k_att, v_att, is_causal=True)
     else:
         out = F.scaled_dot_product_attention(q, k_att, v_att, attn_mask=mask)
-    out = remerge_rows(out.transpose(1, 2).reshape(bsz, idx.shape[1], heads * hd), idx, n_u, deterministic)
+    out = remerge(out.transpose(1, 2).reshape(bsz, n, heads * hd))
     x = x + attn.o_proj(out)
     x = x + layer.mlp(layer.post_attention_layernorm(x))
     return x, k, v
@@ -122,13 +145,13 @@ def vtu_prefill(
     idx: torch.Tensor,
     positions: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
-    deterministic: bool = False,
 ) -> VtuOutput:
     """Fast-VTU prefill of a Llama decoder (`LlamaModel`-like: `layers`, `norm`, `config`).
 
     `merged_embeds` (B, N_u, D) is the merged input sequence, `idx` (B, N) maps virtual
     positions to merged rows, `positions` (B, N) are RoPE positions (default 0..N-1) and
     `valid` (B, N) marks real virtual positions (None: all real, plain causal mask).
+    The remerge is a matmul with a 0/1 assignment matrix, so the prefill is deterministic.
     """
     config = decoder.config
     bsz, n = idx.shape
@@ -137,9 +160,10 @@ def vtu_prefill(
     cos, sin = rope_cos_sin(positions, head_dim(config), rope_theta(config), merged_embeds.dtype)
     mask = None if valid is None else virtual_mask(valid, merged_embeds.dtype)
     x = merged_embeds
+    remerge = Remerger(idx, merged_embeds.shape[1], merged_embeds.dtype)
     keys, values = [], []
     for layer in decoder.layers:
-        x, k, v = _layer(layer, x, idx, cos, sin, mask, config, deterministic)
+        x, k, v = _layer(layer, x, cos, sin, mask, config, remerge)
         keys.append(k)
         values.append(v)
     return VtuOutput(decoder.norm(x), keys, values)
