@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaModel
 
@@ -36,7 +37,10 @@ def test_t1_remerge_of_expand_is_identity() -> None:
     idx = torch.tensor([[0, 1, 1, 2, 3, 3, 4], [0, 0, 1, 2, 2, 3, 4]])
     torch.testing.assert_close(remerge_rows(expand_rows(x, idx), idx, 5), x)
     flat = x.reshape(2, 5, 12)
-    torch.testing.assert_close(Remerger(idx, 5, flat.dtype)(expand_rows(flat, idx)), flat)
+    for deterministic in (False, True):
+        remerge = Remerger(idx, 5, flat.dtype, deterministic)
+        torch.testing.assert_close(remerge(remerge.expand(flat)), flat)
+        torch.testing.assert_close(remerge.expand(flat), expand_rows(flat, idx))
 
 
 def test_identity_mapping_equals_stock_llama_and_its_cache() -> None:
@@ -74,7 +78,8 @@ def test_t4_duplicate_image_tokens_match_full_model_on_text_positions() -> None:
     assert out.keys[0].shape[2] == idx.shape[1], "cache holds the full virtual length"
 
 
-def test_padded_batch_equals_single_rows() -> None:
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_padded_batch_equals_single_rows(deterministic: bool) -> None:
     model = small_llama()
     rows = [
         (torch.randn(1, 6, 64), torch.tensor([[0, 1, 1, 2, 3, 4, 4, 5]])),
@@ -83,8 +88,8 @@ def test_padded_batch_equals_single_rows() -> None:
     merged = torch.zeros(2, 6, 64)
     merged[0], merged[1, :4] = rows[0][0][0], rows[1][0][0]
     idx = torch.cat([r[1] for r in rows])
-    batched = vtu_prefill(model, merged, idx)
+    batched = vtu_prefill(model, merged, idx, deterministic=deterministic)
     for b, (emb, row_idx) in enumerate(rows):
-        single = vtu_prefill(model, emb, row_idx)
+        single = vtu_prefill(model, emb, row_idx, deterministic=deterministic)
         n_u = emb.shape[1]
         torch.testing.assert_close(batched.hidden[b, :n_u], single.hidden[0], rtol=1e-4, atol=1e-5)

@@ -73,7 +73,7 @@ def prompt_ids(batch: int, text_tokens: int, seed: int = 0) -> list[list[int]]:
 
 def run(size: str = "small", device: str = "cpu", dtype: str = "float32", batch_sizes=(1, 8),
         target_tokens: int = 72, text_tokens: int = 40, new_tokens: int = 32, repeats: int = 5,
-        warmup: int = 2) -> dict[str, Any]:  # fmt: skip
+        warmup: int = 2, profile: bool = False) -> dict[str, Any]:  # fmt: skip
     """Every stage for stock and DyMU-fast at each batch size."""
     dev, torch_dtype = torch.device(device), getattr(torch, dtype)
     model = build_llava(size, dev, torch_dtype)
@@ -129,6 +129,8 @@ def run(size: str = "small", device: str = "cpu", dtype: str = "float32", batch_
             "stock": _decode_ms_per_token(model, stock_in, None, new_tokens, dev),
             "dymu": _decode_ms_per_token(model, stock_in, prepared, new_tokens, dev),
         }
+        if profile:
+            _profile({"stock": stock_prefill, "dymu": dymu_prefill}, bsz)
         memory = {
             "prefill": {
                 "stock": peak_memory_mb(stock_prefill, dev),
@@ -154,6 +156,16 @@ def run(size: str = "small", device: str = "cpu", dtype: str = "float32", batch_
         "transformers": transformers.__version__, "target_tokens": target_tokens, "new_tokens": new_tokens,
         "vtu": "fast", "rows": rows,
     }  # fmt: skip
+
+
+def _profile(candidates: dict[str, Any], bsz: int) -> None:
+    """Print the top CUDA kernels of each prefill (where the time goes)."""
+    for name, fn in candidates.items():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        print(f"--- {name} prefill, batch {bsz}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
 
 
 def _stock_tower(parts, pixels):
@@ -249,10 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each prefill")
     args = parser.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     report = run(args.size, args.device, dtype, tuple(args.batch_sizes), args.target_tokens,
-                 new_tokens=args.new_tokens, repeats=args.repeats)  # fmt: skip
+                 new_tokens=args.new_tokens, repeats=args.repeats, profile=args.profile)  # fmt: skip
     print(format_table(report))
     if args.out:
         write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
