@@ -20,7 +20,9 @@ import torch
 from .errors import DymuError
 from .llava import IMAGE
 
-INSTALL_HINT = "pip install --no-deps llava-torch==1.2.2.post1 && pip install pillow accelerate"
+INSTALL_HINT = (
+    "pip install --no-deps llava-torch==1.2.2.post1 && pip install pillow accelerate sentencepiece protobuf"
+)
 
 
 def import_legacy() -> Any:
@@ -29,7 +31,13 @@ def import_legacy() -> Any:
     `llava/model/__init__.py` wraps its imports in a bare `try/except: pass`, so a missing
     dependency otherwise surfaces later as "cannot import name 'LlavaLlamaForCausalLM'".
     """
-    for module, package in (("PIL", "pillow"), ("accelerate", "accelerate")):
+    needs = (
+        ("PIL", "pillow"),
+        ("accelerate", "accelerate"),
+        ("sentencepiece", "sentencepiece"),
+        ("google.protobuf", "protobuf"),
+    )  # the last two read the checkpoints' tokenizer.model
+    for module, package in needs:
         try:
             __import__(module)
         except ImportError:

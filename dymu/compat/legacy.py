@@ -189,7 +189,12 @@ def _negative_tokenizer() -> None:
         raise AssertionError(f"prompt ids differ under AutoTokenizer ({type(tok).__name__})")
 
 
-register("tokenizer", verify=_verify_tokenizer, negative=_negative_tokenizer)
+register(
+    "tokenizer",
+    verify=_verify_tokenizer,
+    negative=_negative_tokenizer,
+    requires=("sentencepiece", "protobuf"),
+)
 
 # ---------------------------------------------------------------- legacy-import
 
