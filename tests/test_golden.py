@@ -1,0 +1,61 @@
+"""Golden outputs: this cell reproduces the reference cell, and planted silent bugs are caught."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dymu.checkpoints import bin_blocked
+from dymu.errors import DymuError
+from dymu.matrix.golden import CASES, case_family, compare, load_golden, run_case
+from dymu.versions import installed
+
+GOLDEN = load_golden()
+ATOL = GOLDEN["tolerance"]["top_logits_atol"]
+TAU = torch.tensor(GOLDEN["thresholds"])
+
+
+def _skip_without_legacy(case: str) -> None:
+    if case_family(case) == "legacy" and installed("llava-torch") is None:
+        pytest.skip("llava-torch not installed (nox cells install it --no-deps)")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cell_reproduces_the_reference_cell(case: str) -> None:
+    _skip_without_legacy(case)
+    if case.endswith("-bin") and bin_blocked():
+        with pytest.raises(DymuError, match=r"only \.bin weights"):
+            run_case(case, TAU)
+        return
+    assert compare(run_case(case, TAU), GOLDEN["cases"][case], ATOL) == []
+
+
+def test_golden_catches_a_dropped_mapping(monkeypatch) -> None:
+    """Plant: VTU groups image positions in merged order instead of by the tower's mapping."""
+    from dymu import vtu
+
+    original = vtu.Remerger.__init__
+
+    def unmapped(self, idx, n_u, dtype, deterministic=False):
+        original(self, torch.sort(idx, dim=1).values, n_u, dtype, deterministic)
+
+    monkeypatch.setattr(vtu.Remerger, "__init__", unmapped)
+    problems = compare(run_case(CASES[0], TAU), GOLDEN["cases"][CASES[0]], ATOL)
+    assert any("top_logits" in p or "greedy_ids" in p for p in problems), problems
+
+
+def test_golden_catches_a_swallowed_cache(monkeypatch) -> None:
+    """Plant: the prefilled cache never reaches generate (an empty cache object goes instead)."""
+    from dymu import generation
+
+    real_new_cache = generation.new_cache
+
+    def empty_cache(model, keys, values):
+        return real_new_cache(model, [k[..., :0, :] for k in keys], [v[..., :0, :] for v in values])
+
+    monkeypatch.setattr(generation, "new_cache", empty_cache)
+    try:
+        got = run_case(CASES[0], TAU)
+    except Exception as err:
+        pytest.skip(f"this stack fails loudly on an empty cache: {type(err).__name__}")
+    assert compare(got, GOLDEN["cases"][CASES[0]], ATOL) != []
