@@ -1,13 +1,21 @@
-"""nox sessions (uv backend): tests per matrix cell, lint.
+"""nox sessions (uv backend): tests per cell, one session per matrix cell, the matrix, lint.
 
-`nox -s tests` runs the unit tests in every cell of `[sets].tests` in envs/cells.toml;
-`nox -s "tests(cell='reference')"` runs one.
+- `nox -s tests`: the unit tests in every cell of `[sets].tests` (envs/cells.toml);
+- `nox -s "cell(latest)"`: build one cell and run the cell runner -> reports/cells/latest.json;
+- `nox -s matrix -- --set core` (default `core`; also `quick`, `broken`, `tests`): every cell of
+  a set, each in its own nox process with a timeout, then reports/matrix.{json,md,html};
+  `--force` re-runs cells whose result is fresh, `--timeout S` per cell.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
-import tomllib
+import re
+import subprocess
+import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -18,14 +26,31 @@ os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")  # use the interpreters pr
 nox.options.default_venv_backend = "uv"
 nox.options.sessions = ["lint", "tests"]
 
-CELLS = tomllib.loads((ROOT / "envs" / "cells.toml").read_text())
+
+def _load_by_path(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CELLS = _load_by_path("dymu_cells", ROOT / "dymu" / "matrix" / "cells.py").load(ROOT / "envs" / "cells.toml")
+ALL_CELLS = list(CELLS["cells"])
 TEST_CELLS = CELLS["sets"]["tests"]
+REPORTS = ROOT / "reports"
 
 
 def cell_requirements(name: str) -> list[str]:
     """Pinned torch/transformers plus companion pins for one cell."""
     cell = CELLS["cells"][name]
     return [f"torch=={cell['torch']}", f"transformers=={cell['transformers']}", *cell.get("companions", [])]
+
+
+def install_cell(session: nox.Session, name: str) -> None:
+    session.install(*cell_requirements(name))
+    session.install("-e", ".[test]")
+    if CELLS["cells"][name].get("legacy"):
+        session.install("--no-deps", *CELLS["cells"][name]["legacy"])
 
 
 def junit_totals(path: Path) -> dict[str, int]:
@@ -52,21 +77,13 @@ def lint(session: nox.Session) -> None:
 @nox.parametrize("cell", TEST_CELLS, ids=TEST_CELLS)
 def tests(session: nox.Session, cell: str) -> None:
     """Unit tests in one matrix cell's stack."""
-    session.install(*cell_requirements(cell))
-    session.install("-e", ".[test]")
-    if CELLS["cells"][cell].get("legacy"):
-        session.install("--no-deps", *CELLS["cells"][cell]["legacy"])
+    install_cell(session, cell)
     report = ROOT / ".nox" / f"junit-{cell}.xml"
     session.run("dymu", "doctor")
     session.run(
-        "python",
-        "-m",
-        "pytest",
-        f"--junitxml={report}",
-        *session.posargs,
-        success_codes=[0, 1, 5],
+        "python", "-m", "pytest", f"--junitxml={report}", *session.posargs, success_codes=[0, 1, 5],
         env={"DYMU_CELL": cell},
-    )
+    )  # fmt: skip
     totals = junit_totals(report)
     session.log(
         f"cell {cell}: {totals['passed']} passed, {totals['failed']} failed, {totals['skipped']} skipped"
@@ -75,3 +92,107 @@ def tests(session: nox.Session, cell: str) -> None:
         session.error(f"pytest collected no tests in cell {cell} (exit 5): a broken test tree, not a pass")
     if totals["failed"]:
         session.error(f"{totals['failed']} test(s) failed in cell {cell}")
+
+
+@nox.session(python="3.11")
+@nox.parametrize("cell", ALL_CELLS, ids=ALL_CELLS)
+def cell(session: nox.Session, cell: str) -> None:
+    """Build one cell's environment and run the cell runner in it."""
+    install_cell(session, cell)
+    out = REPORTS / "cells" / f"{cell}.json"
+    env = {k: str(v) for k, v in CELLS["cells"][cell].get("env", {}).items()}
+    session.run("python", "-m", "dymu.matrix.runner", "--cell", cell, "--out", str(out), env=env)
+
+
+# ------------------------------------------------------------------------------ the matrix
+
+
+def _known_signatures() -> list[str]:
+    import tomllib
+
+    return [fix["error"] for fix in tomllib.loads((ROOT / "patches" / "fixes.toml").read_text()).values()]
+
+
+def _fresh(name: str, started_after: float | None = None) -> dict | None:
+    path = REPORTS / "cells" / f"{name}.json"
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if started_after is not None and path.stat().st_mtime < started_after:
+        return None
+    return result
+
+
+def _classify(returncode: int | None, log: str, timed_out: bool) -> tuple[str, str]:
+    tail = [line for line in log.strip().splitlines() if line.strip()][-40:]
+    if timed_out:
+        return "timeout", tail[-1] if tail else ""
+    if returncode in (-9, 137) or re.search(r"\bKilled\b|out of memory|OutOfMemoryError", log):
+        return ("oom" if re.search(r"out of memory|OutOfMemoryError", log) else "crash"), "killed (SIGKILL)"
+    if re.search(r"(uv pip install|Failed to (build|download|install)|No solution found|ResolutionImpossible)", log) \
+            and "dymu.matrix.runner" not in log:  # fmt: skip
+        return "install-failure", next((line for line in reversed(tail) if "error" in line.lower()), tail[-1])
+    errors = [line for line in tail if re.match(r"^\w+(Error|Exception)\b", line.strip())]
+    return "crash", (errors[-1] if errors else (tail[-1] if tail else "")).strip()
+
+
+@nox.session(python=False)
+def matrix(session: nox.Session) -> None:
+    """Run every cell of a set in isolation and write reports/matrix.{json,md,html}."""
+    args = list(session.posargs)
+    set_name = args[args.index("--set") + 1] if "--set" in args else "core"
+    timeout = int(args[args.index("--timeout") + 1]) if "--timeout" in args else 1800
+    force = "--force" in args
+    members = CELLS["sets"][set_name]
+    code = _load_by_path("dymu_runner_digest", ROOT / "dymu" / "matrix" / "digest.py").code_digest(ROOT)
+    known = _known_signatures()
+    (REPORTS / "logs").mkdir(parents=True, exist_ok=True)
+    for name in members:
+        expected = CELLS["cells"][name].get("expect", "pass")
+        previous = _fresh(name)
+        pins = CELLS["cells"][name]
+        if (not force and previous and previous.get("code") == code and previous.get("status") == "pass"
+                and previous.get("versions", {}).get("transformers") == pins["transformers"]
+                and previous.get("versions", {}).get("torch", "").split("+")[0] == pins["torch"]):  # fmt: skip
+            session.log(
+                f"cell {name}: fresh result for this code and these versions, skipped (--force re-runs)"
+            )
+            continue
+        session.log(f"cell {name}: torch {pins['torch']} + transformers {pins['transformers']} ...")
+        started = time.time()
+        log_path = REPORTS / "logs" / f"{name}.log"
+        timed_out, returncode = False, None
+        with log_path.open("w") as log:
+            try:
+                proc = subprocess.run([sys.executable, "-m", "nox", "-s", f"cell({name})"], stdout=log,
+                                      stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT)  # fmt: skip
+                returncode = proc.returncode
+            except subprocess.TimeoutExpired:
+                timed_out = True
+        text = log_path.read_text(errors="replace")
+        result = _fresh(name, started_after=started)
+        if result is None or result.get("status") == "running" or timed_out or returncode not in (0, 1):
+            failure_class, signature = _classify(returncode, text, timed_out)
+            result = result or {"schema": 1, "cell": name, "versions": {"torch": pins["torch"],
+                                "transformers": pins["transformers"]}, "stages": {}}  # fmt: skip
+            result.update(status="fail", failure={
+                "class": failure_class, "signature": signature,
+                "known": any(re.search(k, signature) for k in known), "log_tail": text[-3000:],
+            })  # fmt: skip
+        outcome = result.get("failure", {}).get("class", result["status"])
+        result["expected"] = expected
+        result["as_expected"] = outcome == expected
+        result["duration_s"] = result.get("duration_s") or round(time.time() - started, 1)
+        out = REPORTS / "cells" / f"{name}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        session.log(f"cell {name}: {outcome} (expected {expected}) in {time.time() - started:.0f} s")
+    report = _load_by_path("dymu_report", ROOT / "dymu" / "matrix" / "report.py")
+    data = report.build(REPORTS)
+    session.log(f"wrote {REPORTS / 'matrix.md'}")
+    unexpected = [r["cell"] for r in data["summary"] if r["cell"] in members and not r["as_expected"]]
+    if unexpected:
+        session.error(f"unexpected outcomes: {', '.join(unexpected)}")

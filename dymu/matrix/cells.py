@@ -1,0 +1,55 @@
+"""Matrix cells from envs/cells.toml, with pairings below transformers' torch floor rejected.
+
+Standard library only: the noxfile loads this file by path, before any cell env exists.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# transformers release -> minimum torch at run time (../shared/COMPAT.md, "runtime floors")
+TORCH_FLOORS = (((5, 20), (2, 6)), ((5, 15), (2, 5)), ((5, 1), (2, 4)), ((5, 0), (2, 2)), ((4, 52), (2, 1)))
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("+")[0].split(".")[:3] if p.isdigit())
+
+
+def torch_floor(transformers: str) -> tuple[int, ...] | None:
+    have = _release(transformers)[:2]
+    for since, floor in TORCH_FLOORS:
+        if have >= since:
+            return floor
+    return None
+
+
+def validate(name: str, cell: dict[str, Any]) -> None:
+    """Raise ValueError for an impossible pairing, saying why."""
+    floor = torch_floor(cell["transformers"])
+    if floor and _release(cell["torch"])[:2] < floor:
+        raise ValueError(
+            f"cell {name!r}: transformers {cell['transformers']} needs torch >= {'.'.join(map(str, floor))}, "
+            f"got {cell['torch']}"
+        )
+    if _release(cell["torch"])[:2] < (2, 3) and not any(
+        c.startswith("numpy<2") for c in cell.get("companions", [])
+    ):
+        raise ValueError(f"cell {name!r}: torch {cell['torch']} needs numpy<2 in companions")
+
+
+def load(path: Path) -> dict[str, Any]:
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    for name, cell in data["cells"].items():
+        validate(name, cell)
+    for set_name, members in data["sets"].items():
+        unknown = [m for m in members if m not in data["cells"]]
+        if unknown:
+            raise ValueError(f"set {set_name!r} names unknown cells {unknown}")
+    return data
