@@ -107,12 +107,6 @@ def cell(session: nox.Session, cell: str) -> None:
 # ------------------------------------------------------------------------------ the matrix
 
 
-def _known_signatures() -> list[str]:
-    import tomllib
-
-    return [fix["error"] for fix in tomllib.loads((ROOT / "patches" / "fixes.toml").read_text()).values()]
-
-
 def _fresh(name: str, started_after: float | None = None) -> dict | None:
     path = REPORTS / "cells" / f"{name}.json"
     if not path.is_file():
@@ -126,19 +120,6 @@ def _fresh(name: str, started_after: float | None = None) -> dict | None:
     return result
 
 
-def _classify(returncode: int | None, log: str, timed_out: bool) -> tuple[str, str]:
-    tail = [line for line in log.strip().splitlines() if line.strip()][-40:]
-    if timed_out:
-        return "timeout", tail[-1] if tail else ""
-    if returncode in (-9, 137) or re.search(r"\bKilled\b|out of memory|OutOfMemoryError", log):
-        return ("oom" if re.search(r"out of memory|OutOfMemoryError", log) else "crash"), "killed (SIGKILL)"
-    if re.search(r"(uv pip install|Failed to (build|download|install)|No solution found|ResolutionImpossible)", log) \
-            and "dymu.matrix.runner" not in log:  # fmt: skip
-        return "install-failure", next((line for line in reversed(tail) if "error" in line.lower()), tail[-1])
-    errors = [line for line in tail if re.match(r"^\w+(Error|Exception)\b", line.strip())]
-    return "crash", (errors[-1] if errors else (tail[-1] if tail else "")).strip()
-
-
 @nox.session(python=False)
 def matrix(session: nox.Session) -> None:
     """Run every cell of a set in isolation and write reports/matrix.{json,md,html}."""
@@ -148,7 +129,8 @@ def matrix(session: nox.Session) -> None:
     force = "--force" in args
     members = CELLS["sets"][set_name]
     code = _load_by_path("dymu_runner_digest", ROOT / "dymu" / "matrix" / "digest.py").code_digest(ROOT)
-    known = _known_signatures()
+    outcome_rules = _load_by_path("dymu_outcome", ROOT / "dymu" / "matrix" / "outcome.py")
+    known = outcome_rules.known_signatures(ROOT / "patches" / "fixes.toml")
     (REPORTS / "logs").mkdir(parents=True, exist_ok=True)
     for name in members:
         expected = CELLS["cells"][name].get("expect", "pass")
@@ -175,7 +157,7 @@ def matrix(session: nox.Session) -> None:
         text = log_path.read_text(errors="replace")
         result = _fresh(name, started_after=started)
         if result is None or result.get("status") == "running" or timed_out or returncode not in (0, 1):
-            failure_class, signature = _classify(returncode, text, timed_out)
+            failure_class, signature = outcome_rules.classify(returncode, text, timed_out)
             result = result or {"schema": 1, "cell": name, "versions": {"torch": pins["torch"],
                                 "transformers": pins["transformers"]}, "stages": {}}  # fmt: skip
             result.update(status="fail", failure={

@@ -220,6 +220,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_matrix(args: argparse.Namespace) -> int:
+    """Re-render reports/matrix.{json,md,html} from the cell results (`dymu matrix report`)."""
+    from .matrix import report
+
+    return report.main([str(args.reports)])
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmarks; `tower` times stock CLIP against the DToMe tower."""
     from .bench import tower
@@ -274,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", type=Path, help="checkpoint directory with pytorch_model*.bin")
     conv.add_argument("dst", type=Path, help="new directory to write")
     conv.set_defaults(func=cmd_convert)
+
+    mat = sub.add_parser("matrix", help=cmd_matrix.__doc__)
+    mat.add_argument("action", choices=["report"])
+    mat.add_argument("--reports", type=Path, default=Path("reports"))
+    mat.set_defaults(func=cmd_matrix)
 
     bench = sub.add_parser("bench", help=cmd_bench.__doc__, add_help=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for python -m dymu.bench.tower")

@@ -1,0 +1,80 @@
+"""The matrix plumbing that needs no cell env: cell validation, failure classes, the report."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from dymu.matrix import cells, outcome, report
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_shipped_cells_are_valid_and_sets_name_real_cells() -> None:
+    data = cells.load(ROOT / "envs" / "cells.toml")
+    assert {"reference", "latest"} <= set(data["cells"])
+    assert set(data["sets"]["quick"]) <= set(data["cells"])
+
+
+@pytest.mark.parametrize(
+    ("cell", "message"),
+    [
+        ({"torch": "2.1.2", "transformers": "5.0.0", "companions": ["numpy<2"]}, "needs torch >= 2.2"),
+        ({"torch": "2.4.1", "transformers": "5.20.0"}, "needs torch >= 2.6"),
+        ({"torch": "2.1.2", "transformers": "4.37.2"}, "needs numpy<2"),
+    ],
+)
+def test_invalid_pairings_are_rejected_with_the_reason(cell, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        cells.validate("bad", cell)
+
+
+def test_failure_classes() -> None:
+    assert outcome.classify(None, "step 1\nstep 2", timed_out=True) == ("timeout", "step 2")
+    assert outcome.classify(-9, "running\nKilled", False)[0] == "crash"
+    assert outcome.classify(1, "  × No solution found when resolving dependencies:\nerror: bad", False)[
+        0
+    ] == ("install-failure")
+    cls, sig = outcome.classify(
+        1, "Traceback\n  File x\nTypeError: forward() got an unexpected keyword argument 'cache'", False
+    )
+    assert cls == "crash" and "unexpected keyword argument 'cache'" in sig
+    known = outcome.known_signatures(ROOT / "patches" / "fixes.toml")
+    assert any(__import__("re").search(k, sig) for k in known), "a documented fix error must count as known"
+
+
+def _cell(name: str, status: str, needed: str, negative: str, **extra) -> dict:
+    return {
+        "cell": name, "status": status, "versions": {"torch": "2.15.0", "transformers": "5.24.0"},
+        "stages": {
+            "import": {"status": "pass"},
+            "fixes": {"status": status, "fixes": [
+                {"fix": "cache-rename", "needed": needed, "verify": "held", "negative": negative},
+                {"fix": "tokenizer", "needed": "no", "verify": "n.a.", "negative": "n.a."},
+            ]},
+            "bench": {"status": "pass", "ratio_stock_over_dymu": 1.25},
+        },
+        **extra,
+    }  # fmt: skip
+
+
+def test_report_renders_verdicts_and_flags_unexpected(tmp_path) -> None:
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    (folder / "good.json").write_text(json.dumps(_cell("good", "pass", "yes", "failed as documented")))
+    (folder / "bad.json").write_text(json.dumps(_cell("bad", "fail", "yes", "did not fail")))
+    killed = {"cell": "killed", "status": "fail", "expected": "crash", "as_expected": True,
+              "failure": {"class": "crash", "signature": "killed (SIGKILL)", "known": False}}  # fmt: skip
+    (folder / "killed.json").write_text(json.dumps(killed))
+    (folder / "torn.json").write_text("{not json")
+    data = report.build(tmp_path)
+    rows = {r["cell"]: r for r in data["summary"]}
+    assert rows["good"]["fixes"]["cache-rename"] == "fixed" and rows["good"]["as_expected"]
+    assert rows["bad"]["fixes"]["cache-rename"] == "FAIL" and not rows["bad"]["as_expected"]
+    assert rows["killed"]["as_expected"] and rows["torn"]["failure"]["class"] == "unreadable"
+    markdown = (tmp_path / "matrix.md").read_text()
+    assert "| good |" in markdown and "unexpected" in markdown and "killed (SIGKILL)" in markdown
+    assert (tmp_path / "matrix.html").read_text().startswith("<!doctype html>")
+    assert json.loads((tmp_path / "matrix.json").read_text())["schema"] == 1
