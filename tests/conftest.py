@@ -13,3 +13,21 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     from dymu.tiny import build_tiny_checkpoints
 
     return build_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def images():
+    """Eight structured sample images (flat regions, textures, two non-square)."""
+    from dymu.sample_images import make_sample_images
+
+    return make_sample_images(8)
+
+
+@pytest.fixture(scope="session")
+def calibrated(tiny_checkpoints, images):
+    """Thresholds for the tiny CLIP tower, calibrated to 16 of 64 tokens on the sample images."""
+    import dymu
+    from dymu.vision_loading import load_vision_tower
+
+    tower, processor = load_vision_tower(tiny_checkpoints["clip"])
+    return dymu.calibrate(tower, images, target_tokens=16, batch_size=8, processor=processor, progress=False)

@@ -16,23 +16,9 @@ from dymu.checkpoints import bin_blocked
 from dymu.errors import DymuError
 from dymu.generation import cache_length, generate_prepared, prepare
 from dymu.hf_llava import stock_inputs
-from dymu.sample_images import make_sample_images
 
 QUESTIONS = ["What is this?", "Describe the picture in detail, please.", "Colours?"]
 NEW_TOKENS = 8
-
-
-@pytest.fixture(scope="module")
-def images():
-    return make_sample_images(8)
-
-
-@pytest.fixture(scope="module")
-def calibrated(tiny_checkpoints, images):
-    from dymu.vision_loading import load_vision_tower
-
-    tower, processor = load_vision_tower(tiny_checkpoints["clip"])
-    return dymu.calibrate(tower, images, target_tokens=16, batch_size=8, processor=processor, progress=False)
 
 
 def _stock(model: dymu.DymuLlava, prompts, images):

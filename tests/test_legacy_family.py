@@ -11,7 +11,6 @@ import dymu
 from dymu.checkpoints import bin_blocked
 from dymu.errors import DymuError
 from dymu.generation import cache_length, generate_prepared, prepare
-from dymu.sample_images import make_sample_images
 from dymu.versions import installed
 
 pytestmark = pytest.mark.skipif(
@@ -19,19 +18,6 @@ pytestmark = pytest.mark.skipif(
 )
 QUESTIONS = ["What is this?", "Describe the picture in detail, please.", "Colours?"]
 NEW_TOKENS = 6
-
-
-@pytest.fixture(scope="module")
-def images():
-    return make_sample_images(8)
-
-
-@pytest.fixture(scope="module")
-def calibrated(tiny_checkpoints, images):
-    from dymu.vision_loading import load_vision_tower
-
-    tower, processor = load_vision_tower(tiny_checkpoints["llava-v1.5-tiny-safetensors"])
-    return dymu.calibrate(tower, images, target_tokens=16, batch_size=8, processor=processor, progress=False)
 
 
 def _stock_one(model: dymu.DymuLlava, prompt: str, image):
