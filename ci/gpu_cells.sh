@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# GPU-machine matrix cells: the cell runner on the machine's torch with transformers carried
+# as wheels (.whl/<set>/ per version; .whl/llava_torch-*.whl). Results land in $OUT/<cell>.json.
+# Usage there: bash ci/gpu_cells.sh t4372 t4572 t500 native
+set -u
+export PYTHONUNBUFFERED=1
+pip_install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$1" "${@:2}"; }
+pip_install /tmp/llava .whl/llava_torch-*.whl || exit 1
+for set in "$@"; do
+  site=/tmp/site-$set
+  if [ "$set" != native ]; then pip_install "$site" .whl/"$set"/*.whl || { echo "cell gpu-$set: install failed"; continue; }; fi
+  tf=$(PYTHONPATH=$site python3 -c "import transformers; print(transformers.__version__)")
+  echo "== gpu cell: transformers $tf"
+  PYTHONPATH=$site:/tmp/llava:. timeout 240 python3 -m dymu.matrix.runner --cell "gpu-tf$tf" \
+    --out "$OUT/gpu-tf$tf.json" 2>&1 | grep -E "^cell " || echo "cell gpu-tf$tf: runner exited abnormally"
+done
