@@ -1,7 +1,9 @@
 """nox sessions (uv backend): tests per cell, one session per matrix cell, the matrix, lint.
 
 - `nox -s tests`: the unit tests in every cell of `[sets].tests` (envs/cells.toml);
-- `nox -s "cell(latest)"`: build one cell and run the cell runner -> reports/cells/latest.json;
+- `nox -s "cell(latest)"`: build one cell and run the cell runner -> reports/cells/latest.json
+  (the `tests` sessions run the runner too, after pytest);
+- `nox -s golden`: regenerate the golden outputs in the reference cell;
 - `nox -s matrix -- --set core` (default `core`; also `quick`, `broken`, `tests`): every cell of
   a set, each in its own nox process with a timeout, then reports/matrix.{json,md,html};
   `--force` re-runs cells whose result is fresh, `--timeout S` per cell.
@@ -102,6 +104,13 @@ def cell(session: nox.Session, cell: str) -> None:
     out = REPORTS / "cells" / f"{cell}.json"
     env = {k: str(v) for k, v in CELLS["cells"][cell].get("env", {}).items()}
     session.run("python", "-m", "dymu.matrix.runner", "--cell", cell, "--out", str(out), env=env)
+
+
+@nox.session(python="3.11")
+def golden(session: nox.Session) -> None:
+    """Regenerate tests/golden/reference.json in the reference cell; review the diff like code."""
+    install_cell(session, "reference")
+    session.run("python", "-m", "dymu.matrix.golden")
 
 
 # ------------------------------------------------------------------------------ the matrix
