@@ -59,7 +59,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def expand_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """M·e: (B, N_u, ...) -> (B, N, ...) with row b taking x[b, idx[b, j]]."""
+    """M·e: (B, N_u, ...) -> (B, N, ...) with row b taking x[b, idx[b, j]] (functional form;
+    the prefill reuses one `Remerger` per batch instead)."""
     bsz, n_u = x.shape[:2]
     flat = (idx + torch.arange(bsz, device=idx.device)[:, None] * n_u).flatten()
     return x.reshape(bsz * n_u, *x.shape[2:]).index_select(0, flat).view(bsz, idx.shape[1], *x.shape[2:])
