@@ -204,13 +204,14 @@ def test_legacy_config(tiny_checkpoints: dict[str, Path]) -> None:
 )
 @pytest.mark.parametrize("name", [tiny.LEGACY_SAFETENSORS, tiny.LEGACY_BIN])
 def test_legacy_loads_with_llava_package(tiny_checkpoints: dict[str, Path], name: str) -> None:
+    from dymu.legacy_llava import import_legacy
+
+    llava_cls = import_legacy().LlavaLlamaForCausalLM  # raises with the real import error, if any
     if name == tiny.LEGACY_BIN and _bin_refused():
-        pytest.skip("transformers >= 4.52 refuses .bin checkpoints on torch < 2.6")
-    try:
-        from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
-    except Exception as err:  # the package's imports break on newer transformers (compat's job)
-        pytest.skip(f"legacy llava package does not import here: {type(err).__name__}: {err}")
-    model, info = LlavaLlamaForCausalLM.from_pretrained(tiny_checkpoints[name], output_loading_info=True)
+        with pytest.raises(ValueError, match=r"torch"):  # transformers >= 4.52 on torch < 2.6
+            llava_cls.from_pretrained(tiny_checkpoints[name])
+        return
+    model, info = llava_cls.from_pretrained(tiny_checkpoints[name], output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     _assert_same_tensors(dict(model.named_parameters()), tiny.legacy_state_dict())
     tower = model.get_vision_tower()
@@ -226,9 +227,12 @@ def test_legacy_loads_with_llava_package(tiny_checkpoints: dict[str, Path], name
 
 @pytest.mark.parametrize("name", [tiny.HF_SAFETENSORS, tiny.HF_BIN])
 def test_hf_loads_with_all_weights(tiny_checkpoints: dict[str, Path], name: str) -> None:
-    if name == tiny.HF_BIN and _bin_refused():
-        pytest.skip("transformers >= 4.52 refuses .bin checkpoints on torch < 2.6 (CVE-2025-32434)")
     from transformers import LlavaForConditionalGeneration
+
+    if name == tiny.HF_BIN and _bin_refused():  # transformers >= 4.52 on torch < 2.6 (CVE-2025-32434)
+        with pytest.raises(ValueError, match=r"torch"):
+            LlavaForConditionalGeneration.from_pretrained(tiny_checkpoints[name])
+        return
 
     model, info = LlavaForConditionalGeneration.from_pretrained(
         tiny_checkpoints[name], output_loading_info=True
