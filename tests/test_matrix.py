@@ -16,6 +16,7 @@ def test_shipped_cells_are_valid_and_sets_name_real_cells() -> None:
     data = cells.load(ROOT / "envs" / "cells.toml")
     assert {"reference", "latest"} <= set(data["cells"])
     assert set(data["sets"]["quick"]) <= set(data["cells"])
+    assert "f-4.41-oldest" in data["cells"], "dotted cell names must be quoted in TOML"
 
 
 @pytest.mark.parametrize(
@@ -24,9 +25,11 @@ def test_shipped_cells_are_valid_and_sets_name_real_cells() -> None:
         ({"torch": "2.1.2", "transformers": "5.0.0", "companions": ["numpy<2"]}, "needs torch >= 2.2"),
         ({"torch": "2.4.1", "transformers": "5.20.0"}, "needs torch >= 2.6"),
         ({"torch": "2.1.2", "transformers": "4.37.2"}, "needs numpy<2"),
+        ({"41-oldest": {"torch": "2.1.2"}}, "missing python, torch, transformers"),
     ],
 )
 def test_invalid_pairings_are_rejected_with_the_reason(cell, message) -> None:
+    cell = {"python": "3.11", **cell} if "torch" in cell else cell
     with pytest.raises(ValueError, match=message):
         cells.validate("bad", cell)
 

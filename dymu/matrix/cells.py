@@ -31,7 +31,10 @@ def torch_floor(transformers: str) -> tuple[int, ...] | None:
 
 
 def validate(name: str, cell: dict[str, Any]) -> None:
-    """Raise ValueError for an impossible pairing, saying why."""
+    """Raise ValueError for an impossible pairing or a malformed cell, saying why."""
+    missing = [key for key in ("python", "torch", "transformers") if not isinstance(cell.get(key), str)]
+    if missing:
+        raise ValueError(f"cell {name!r}: missing {', '.join(missing)} (quote names with dots: [cells.\"a.b\"])")
     floor = torch_floor(cell["transformers"])
     if floor and _release(cell["torch"])[:2] < floor:
         raise ValueError(
