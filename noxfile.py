@@ -6,7 +6,7 @@
 - `nox -s golden`: regenerate the golden outputs in the reference cell;
 - `nox -s matrix -- --set core` (default `core`; also `quick`, `broken`, `tests`): every cell of
   a set, each in its own nox process with a timeout, then reports/matrix.{json,md,html};
-  `--force` re-runs cells whose result is fresh, `--timeout S` per cell.
+  `--force` re-runs cells whose result is fresh, `--timeout S` per cell, `--cells a,b` picks cells.
 """
 
 from __future__ import annotations
@@ -136,7 +136,10 @@ def matrix(session: nox.Session) -> None:
     set_name = args[args.index("--set") + 1] if "--set" in args else "core"
     timeout = int(args[args.index("--timeout") + 1]) if "--timeout" in args else 1800
     force = "--force" in args
-    members = CELLS["sets"][set_name]
+    members = args[args.index("--cells") + 1].split(",") if "--cells" in args else CELLS["sets"][set_name]
+    unknown = [m for m in members if m not in CELLS["cells"]]
+    if unknown:
+        session.error(f"unknown cells: {', '.join(unknown)}")
     code = _load_by_path("dymu_runner_digest", ROOT / "dymu" / "matrix" / "digest.py").code_digest(ROOT)
     outcome_rules = _load_by_path("dymu_outcome", ROOT / "dymu" / "matrix" / "outcome.py")
     known = outcome_rules.known_signatures(ROOT / "patches" / "fixes.toml")

@@ -24,6 +24,7 @@ def test_shipped_cells_are_valid_and_sets_name_real_cells() -> None:
     [
         ({"torch": "2.1.2", "transformers": "5.0.0", "companions": ["numpy<2"]}, "needs torch >= 2.2"),
         ({"torch": "2.4.1", "transformers": "5.20.0"}, "needs torch >= 2.6"),
+        ({"torch": "2.1.2", "transformers": "4.56.2", "companions": ["numpy<2"]}, "needs torch >= 2.2"),
         ({"torch": "2.1.2", "transformers": "4.37.2"}, "needs numpy<2"),
         ({"41-oldest": {"torch": "2.1.2"}}, "missing python, torch, transformers"),
     ],

@@ -36,12 +36,13 @@ def cache_tensors(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return [kv[0] for kv in cache], [kv[1] for kv in cache]
 
 
-def greedy_without_cache(model, input_ids: torch.Tensor, steps: int) -> torch.Tensor:
+def greedy_without_cache(model, input_ids: torch.Tensor, steps: int, logits_fn=None) -> torch.Tensor:
     """Reference greedy decoding that recomputes the whole sequence every step."""
+    logits_fn = logits_fn or (lambda ids: model(input_ids=ids, use_cache=False).logits)
     ids = input_ids
     for _ in range(steps):
         with torch.no_grad():
-            logits = model(input_ids=ids, use_cache=False).logits
+            logits = logits_fn(ids)
         ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
     return ids[:, input_ids.shape[1] :]
 
@@ -213,10 +214,13 @@ def _prefilled_generate(model, force_cache_object: bool) -> tuple[torch.Tensor, 
     from transformers import DynamicCache, GenerationMixin
 
     from ..generation import cache_kwarg, new_cache
+    from ..llava import find_parts
 
+    # text-only prefixes go through the inner decoder: Llava's own forward crashes on them in 4.47
+    parts = find_parts(model)
     ids = torch.tensor([[1, 5, 9, 12, 3, 7, 22]])
     with torch.no_grad():
-        prefix = model(input_ids=ids[:, :-1], use_cache=True)
+        prefix = parts.decoder(input_ids=ids[:, :-1], use_cache=True)
     keys, values = cache_tensors(prefix.past_key_values)
     if force_cache_object:
         cache = DynamicCache()
@@ -226,7 +230,11 @@ def _prefilled_generate(model, force_cache_object: bool) -> tuple[torch.Tensor, 
         cache = new_cache(model, keys, values)
     out = GenerationMixin.generate(model, input_ids=ids, **{cache_kwarg(): cache}, max_new_tokens=4,
                                    do_sample=False, pad_token_id=0)  # fmt: skip
-    return out[:, ids.shape[1] :], greedy_without_cache(model, ids, 4)
+
+    def logits(seq: torch.Tensor) -> torch.Tensor:
+        return parts.lm_head(parts.decoder(input_ids=seq, use_cache=False).last_hidden_state)
+
+    return out[:, ids.shape[1] :], greedy_without_cache(model, ids, 4, logits)
 
 
 def _verify_cache_format() -> str:

@@ -14,8 +14,17 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-# transformers release -> minimum torch at run time (../shared/COMPAT.md, "runtime floors")
-TORCH_FLOORS = (((5, 20), (2, 6)), ((5, 15), (2, 5)), ((5, 1), (2, 4)), ((5, 0), (2, 2)), ((4, 52), (2, 1)))
+# transformers release -> minimum torch at run time (../shared/COMPAT.md, "runtime floors"), plus
+# 4.56 -> 2.2, found by the full set: 4.56.2 on torch 2.1.2 fails at import
+# (`torch.utils._pytree` has no `register_pytree_node` before torch 2.2)
+TORCH_FLOORS = (
+    ((5, 20), (2, 6)),
+    ((5, 15), (2, 5)),
+    ((5, 1), (2, 4)),
+    ((5, 0), (2, 2)),
+    ((4, 56), (2, 2)),
+    ((4, 52), (2, 1)),
+)
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -34,7 +43,9 @@ def validate(name: str, cell: dict[str, Any]) -> None:
     """Raise ValueError for an impossible pairing or a malformed cell, saying why."""
     missing = [key for key in ("python", "torch", "transformers") if not isinstance(cell.get(key), str)]
     if missing:
-        raise ValueError(f"cell {name!r}: missing {', '.join(missing)} (quote names with dots: [cells.\"a.b\"])")
+        raise ValueError(
+            f'cell {name!r}: missing {", ".join(missing)} (quote names with dots: [cells."a.b"])'
+        )
     floor = torch_floor(cell["transformers"])
     if floor and _release(cell["torch"])[:2] < floor:
         raise ValueError(
