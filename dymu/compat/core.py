@@ -87,8 +87,8 @@ class _Payload:
 
 def safe_load(path, **kwargs: Any) -> Any:
     """`torch.load` that only ever reads tensors (and plain containers)."""
-    kwargs["weights_only"] = True
-    return torch.load(path, **kwargs)
+    kwargs.pop("weights_only", None)
+    return torch.load(path, weights_only=True, **kwargs)
 
 
 def _payload_file(folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
