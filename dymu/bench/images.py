@@ -35,7 +35,9 @@ def packaged_photos() -> list[Image.Image]:
         for name in ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field"):
             try:
                 photos.append(Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB"))
-            except Exception:
+            except (
+                Exception
+            ):  # some are downloaded on first use (no network here): skip those, whatever fails
                 continue
     except ImportError:
         pass
