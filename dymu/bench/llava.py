@@ -10,15 +10,11 @@ or `--size small` on a CPU.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..atomic import write_text_atomic
 from ..calibrate import calibrate
 from ..generation import cache_kwarg, generate_prepared, new_cache, prepare
 from ..hf_llava import stock_inputs
@@ -26,6 +22,7 @@ from ..images import preprocess
 from ..llava import IMAGE, find_parts
 from ..tower import encode_images
 from ..vtu import vtu_prefill
+from . import bench_dtype, bench_parser, emit
 from .images import bench_images, clip_processor
 from .timing import peak_memory_mb, time_side_by_side
 from .tower import GEOMETRIES, device_name
@@ -252,24 +249,14 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dymu.bench.llava", description=__doc__.splitlines()[0])
+    parser = bench_parser("python -m dymu.bench.llava", __doc__.splitlines()[0], repeats=5)
     parser.add_argument("--size", choices=sorted(TEXT), default="small")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--target-tokens", type=int, default=72)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each prefill")
     args = parser.parse_args(argv)
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    report = run(args.size, args.device, dtype, tuple(args.batch_sizes), args.target_tokens,
+    report = run(args.size, args.device, bench_dtype(args), tuple(args.batch_sizes), args.target_tokens,
                  new_tokens=args.new_tokens, repeats=args.repeats, profile=args.profile)  # fmt: skip
-    print(format_table(report))
-    if args.out:
-        write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
-    return 0
+    return emit(report, format_table(report), args.out)
 
 
 if __name__ == "__main__":

@@ -7,18 +7,15 @@ calibrated in the same run on a calibration image set disjoint from the timed ba
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..atomic import write_text_atomic
 from ..calibrate import calibrate
 from ..tower import encode_images
+from . import bench_dtype, bench_parser, emit
 from .images import bench_images, clip_processor
 from .timing import peak_memory_mb, time_side_by_side
 
@@ -148,32 +145,14 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dymu.bench.tower", description=__doc__.splitlines()[0])
+    parser = bench_parser("python -m dymu.bench.tower", __doc__.splitlines()[0], repeats=10)
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="small")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--target-tokens", type=int, default=72)
     parser.add_argument("--calib-images", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON report here (atomically)")
     args = parser.parse_args(argv)
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    report = run(
-        args.geometry,
-        args.device,
-        dtype,
-        tuple(args.batch_sizes),
-        args.target_tokens,
-        args.calib_images,
-        args.repeats,
-        args.warmup,
-    )
-    print(format_table(report))
-    if args.out:
-        write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
-    return 0
+    report = run(args.geometry, args.device, bench_dtype(args), tuple(args.batch_sizes), args.target_tokens,
+                 args.calib_images, args.repeats, args.warmup)  # fmt: skip
+    return emit(report, format_table(report), args.out)
 
 
 if __name__ == "__main__":
