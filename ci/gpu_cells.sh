@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU-machine matrix cells: the cell runner on the machine's torch with transformers carried
 # as wheels (.whl/<set>/ per version; .whl/llava_torch-*.whl). Results land in $OUT/<cell>.json.
-# Usage there: bash ci/gpu_cells.sh t4372 t4572 t500 native
+# Each cell runs every runner stage: the tiny-model stages on the CPU, the full-size stage
+# (LLaVA-1.5-7B architecture, random weights) on the GPU. The log goes to $OUT/<cell>.log.
+# Usage there: GPU_CELL_TIMEOUT=280 bash ci/gpu_cells.sh t4372 t4573 t500 native
 set -u
 export PYTHONUNBUFFERED=1
 pip_install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$1" "${@:2}"; }
@@ -9,8 +11,10 @@ pip_install /tmp/llava .whl/llava_torch-*.whl || exit 1
 for set in "$@"; do
   site=/tmp/site-$set
   if [ "$set" != native ]; then pip_install "$site" .whl/"$set"/*.whl || { echo "cell gpu-$set: install failed"; continue; }; fi
-  tf=$(PYTHONPATH=$site python3 -c "import transformers; print(transformers.__version__)")
+  tf=$(PYTHONPATH=$site python3 -c "import transformers; print(transformers.__version__)" 2>"$OUT/import-$set.log") \
+    || { echo "cell gpu-$set: transformers does not import (see import-$set.log)"; continue; }
   echo "== gpu cell: transformers $tf"
-  PYTHONPATH=$site:/tmp/llava:. timeout 240 python3 -m dymu.matrix.runner --cell "gpu-tf$tf" \
-    --out "$OUT/gpu-tf$tf.json" 2>&1 | grep -E "^cell " || echo "cell gpu-tf$tf: runner exited abnormally"
+  PYTHONPATH=$site:/tmp/llava:. timeout "${GPU_CELL_TIMEOUT:-280}" python3 -m dymu.matrix.runner \
+    --cell "gpu-tf$tf" --out "$OUT/gpu-tf$tf.json" > "$OUT/gpu-tf$tf.log" 2>&1
+  grep -E "^cell " "$OUT/gpu-tf$tf.log" || echo "cell gpu-tf$tf: runner exited abnormally"
 done

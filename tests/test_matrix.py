@@ -82,3 +82,27 @@ def test_report_renders_verdicts_and_flags_unexpected(tmp_path) -> None:
     assert "| good |" in markdown and "unexpected" in markdown and "killed (SIGKILL)" in markdown
     assert (tmp_path / "matrix.html").read_text().startswith("<!doctype html>")
     assert json.loads((tmp_path / "matrix.json").read_text())["schema"] == 1
+
+
+def test_report_shows_the_full_size_stage_of_gpu_cells(tmp_path) -> None:
+    (tmp_path / "cells").mkdir()
+    (tmp_path / "gpu" / "cells").mkdir(parents=True)
+    stage = {"status": "pass", "device": "NVIDIA H200", "checks": {
+        "identity": {"status": "pass", "cache_relative_error": 3.4e-05},
+        "bf16-rounding": {"status": "pass", "stock_low_vs_fp32": {"cache_relative_error": 0.168},
+                          "dymu_low_vs_fp32": {"cache_relative_error": 0.161}},
+        "dymu": {"status": "pass", "visual_tokens": [13, 142]}},
+        "bench": {"rows": [{"batch_size": 8, "ratios_stock_over_dymu": {"vision": 0.75, "prefill": 1.9}}]}}  # fmt: skip
+    gpu = _cell("gpu-tf4.37.2", "pass", "yes", "failed as documented")
+    gpu["stages"]["full-size"] = stage
+    (tmp_path / "gpu" / "cells" / "gpu-tf4.37.2.json").write_text(json.dumps(gpu))
+    cpu = _cell("cpu", "pass", "yes", "failed as documented")
+    cpu["stages"]["full-size"] = {"status": "n.a.", "why": "no CUDA device"}
+    (tmp_path / "cells" / "cpu.json").write_text(json.dumps(cpu))
+    rows = {r["cell"]: r for r in report.build(tmp_path)["summary"]}
+    assert rows["gpu-tf4.37.2"]["where"] == "gpu" and rows["gpu-tf4.37.2"]["stages"]["full-size"] == "pass"
+    assert rows["cpu"]["stages"]["full-size"] == "n.a." and rows["cpu"]["full_size"] is None
+    markdown = (tmp_path / "matrix.md").read_text()
+    line = next(x for x in markdown.splitlines() if x.startswith("| gpu-tf4.37.2 | NVIDIA H200 |"))
+    assert "0.168 / 0.161" in line and "| 0.75 | 1.90 |" in line
+    assert "<h2>Full-size stage (GPU cells)</h2>" in (tmp_path / "matrix.html").read_text()

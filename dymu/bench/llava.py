@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..calibrate import calibrate
-from ..generation import cache_kwarg, generate_prepared, new_cache, prepare
+from ..generation import cache_kwarg, cache_length, generate_prepared, new_cache, prepare
 from ..hf_llava import stock_inputs
 from ..images import preprocess
 from ..llava import IMAGE, find_parts
@@ -70,14 +70,21 @@ def prompt_ids(batch: int, text_tokens: int, seed: int = 0) -> list[list[int]]:
 
 def run(size: str = "small", device: str = "cpu", dtype: str = "float32", batch_sizes=(1, 8),
         target_tokens: int = 72, text_tokens: int = 40, new_tokens: int = 32, repeats: int = 5,
-        warmup: int = 2, profile: bool = False) -> dict[str, Any]:  # fmt: skip
-    """Every stage for stock and DyMU-fast at each batch size."""
+        warmup: int = 2, profile: bool = False, model: torch.nn.Module | None = None,
+        thresholds: torch.Tensor | None = None) -> dict[str, Any]:  # fmt: skip
+    """Every stage for stock and DyMU-fast at each batch size.
+
+    `model` / `thresholds`: reuse a model already built (and thresholds already calibrated)
+    instead of building and calibrating here (the matrix's full-size GPU stage does).
+    """
     dev, torch_dtype = torch.device(device), getattr(torch, dtype)
-    model = build_llava(size, dev, torch_dtype)
+    model = model if model is not None else build_llava(size, dev, torch_dtype)
     parts = find_parts(model)
     processor = clip_processor(336)
-    tau = calibrate(parts.vision, bench_images(64, seed=1), target_tokens, batch_size=32, processor=processor,
-                    progress=False)  # fmt: skip
+    tau = thresholds
+    if tau is None:
+        tau = calibrate(parts.vision, bench_images(64, seed=1), target_tokens, batch_size=32,
+                        processor=processor, progress=False)  # fmt: skip
     images = bench_images(max(batch_sizes), seed=2)
     rows = []
     for bsz in batch_sizes:
@@ -85,10 +92,12 @@ def run(size: str = "small", device: str = "cpu", dtype: str = "float32", batch_
         pixels = preprocess(images[:bsz], processor).to(dev, torch_dtype)
         stock_in = stock_inputs(parts, ids, pixels)
         prepared = prepare(parts, ids, pixels, tau)
-        full_embeds = _stock_embeds(parts, stock_in)
+        full_embeds = _stock_embeds(parts, ids, pixels)
         merged, idx = _merged(parts, ids, pixels, tau)
 
-        def stock_prefill(e=full_embeds, m=stock_in["attention_mask"]):
+        full_mask = torch.ones(full_embeds.shape[:2], dtype=torch.long, device=dev)
+
+        def stock_prefill(e=full_embeds, m=full_mask):
             with torch.no_grad():
                 out = parts.decoder(inputs_embeds=e, attention_mask=m, use_cache=True)
                 return parts.lm_head(out.last_hidden_state[:, -1])
@@ -171,16 +180,16 @@ def _stock_tower(parts, pixels):
 
 
 @torch.no_grad()
-def _stock_embeds(parts, stock_in) -> torch.Tensor:
-    """The full-length input embeddings stock LLaVA feeds its decoder (576 image rows per image)."""
-    ids = stock_in["input_ids"]
-    feats = parts.projector(_stock_tower(parts, stock_in["pixel_values"]))
-    embeds = parts.decoder.embed_tokens(ids.clamp_max(parts.decoder.embed_tokens.num_embeddings - 1))
-    image_rows = ids == parts.image_token_id
-    if int(image_rows.sum()) == feats.shape[0] * feats.shape[1]:
-        embeds[image_rows] = feats.reshape(-1, feats.shape[-1]).to(embeds.dtype)
-        return embeds
-    raise RuntimeError("benchmark needs transformers >= 4.47 (expanded image tokens) for the stock prefill")
+def _stock_embeds(parts, ids: list[list[int]], pixels: torch.Tensor) -> torch.Tensor:
+    """The full-length input embeddings stock LLaVA feeds its decoder (all 576 image rows per
+    image), built here so the stock prefill is the same on every transformers version."""
+    feats = parts.projector(_stock_tower(parts, pixels))
+    rows = []
+    for b, row in enumerate(ids):  # equal text lengths: no padding needed
+        k = row.index(IMAGE)
+        text = parts.decoder.embed_tokens(torch.tensor(row[:k] + row[k + 1 :], device=pixels.device))
+        rows.append(torch.cat([text[:k], feats[b].to(text.dtype), text[k:]]))
+    return torch.stack(rows)
 
 
 @torch.no_grad()
@@ -213,10 +222,12 @@ def _decode_ms_per_token(model, stock_in, prepared, steps: int, dev: torch.devic
 
     if prepared is None:
         out = model(**stock_in, use_cache=True)
-        cache, mask = out.past_key_values, stock_in["attention_mask"]
+        cache = out.past_key_values  # before 4.47 the model expands the image itself: size from the cache
+        mask = torch.ones(stock_in["input_ids"].shape[0], cache_length(cache), dtype=torch.long, device=dev)
         token = out.logits[:, -1:].argmax(-1)
     else:
-        cache, mask = prepared.cache, prepared.attention_mask
+        # the cache holds all but the last prompt token: the first step feeds that token
+        cache, mask = prepared.cache, prepared.attention_mask[:, :-1]
         token = prepared.virtual_ids[:, -1:]
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -17,7 +17,7 @@ from typing import Any
 
 FIXES = ("scatter", "weights-only", "safetensors", "cache-format", "generate-kwargs", "cache-rename",
          "causal-mask", "loader-kwargs", "tokenizer", "legacy-import")  # fmt: skip
-STAGES = ("import", "fixes", "inference", "golden", "bench")
+STAGES = ("import", "fixes", "inference", "golden", "bench", "full-size")
 
 
 def _write(path: Path, text: str) -> None:
@@ -71,7 +71,55 @@ def summarize(cell: dict[str, Any]) -> dict[str, Any]:
         "stages": {s: stages.get(s, {}).get("status", "-") for s in STAGES},
         "fixes": {name: fix_verdict(fixes.get(name)) for name in FIXES},
         "bench_ratio": bench.get("ratio_stock_over_dymu"),
+        "full_size": full_size_summary(stages.get("full-size", {})),
     }
+
+
+def full_size_summary(stage: dict[str, Any]) -> dict[str, Any] | None:
+    """The headline numbers of a full-size GPU stage (None where it did not run)."""
+    checks = stage.get("checks")
+    if stage.get("status") not in ("pass", "fail") or not checks:
+        return None
+    identity, rounding = checks.get("identity", {}), checks.get("bf16-rounding", {})
+    rows = stage.get("bench", {}).get("rows", [])
+    return {
+        "device": stage.get("device"),
+        "identity_fp32": identity.get("cache_relative_error"),
+        "bf16_stock": rounding.get("stock_low_vs_fp32", {}).get("cache_relative_error"),
+        "bf16_dymu": rounding.get("dymu_low_vs_fp32", {}).get("cache_relative_error"),
+        "visual_tokens": checks.get("dymu", {}).get("visual_tokens"),
+        "ratios": {r["batch_size"]: r["ratios_stock_over_dymu"] for r in rows},
+    }
+
+
+def _num(value: Any, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+def full_size_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """A table of the full-size GPU stages (random weights: checks and timing ratios only)."""
+    runs = [r for r in rows if r["full_size"]]
+    if not runs:
+        return []
+    sizes = sorted({b for r in runs for b in r["full_size"]["ratios"]}, key=int)
+    head = ["cell", "device", "identity fp32", "bf16 drift stock / dymu", "visual tokens",
+            *(f"{what} x, bs {b}" for b in sizes for what in ("vision", "prefill"))]  # fmt: skip
+    lines = ["", "## Full-size stage (GPU cells)", "",
+             "LLaVA-1.5-7B architecture with RANDOM weights. `identity fp32`: worst relative error of the KV "
+             "cache, DyMU with merging off vs stock (gate 1e-3). `bf16 drift`: each path's bf16 KV cache vs the "
+             "float32 stock one (gate: DyMU <= 2x stock). Ratios are stock/DyMU time measured side by side "
+             "(> 1: DyMU faster).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for r in runs:
+        f = r["full_size"]
+        ratios = [
+            _num(f["ratios"].get(b, {}).get(what), ".2f") for b in sizes for what in ("vision", "prefill")
+        ]
+        lines.append("| " + " | ".join([
+            r["cell"], str(f["device"]), _num(f["identity_fp32"], ".1e"),
+            f"{_num(f['bf16_stock'], '.3f')} / {_num(f['bf16_dymu'], '.3f')}", str(f["visual_tokens"]), *ratios,
+        ]) + " |")  # fmt: skip
+    return lines
 
 
 def render_markdown(rows: list[dict[str, Any]]) -> str:
@@ -88,6 +136,7 @@ def render_markdown(rows: list[dict[str, Any]]) -> str:
         cells = [r["cell"], r["where"], r["torch"], r["transformers"], status, *r["stages"].values(), ratio,
                  *r["fixes"].values()]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += full_size_markdown(rows)
     failures = [r for r in rows if r["failure"]]
     if failures:
         lines += ["", "## Failures", ""]
@@ -115,6 +164,16 @@ def render_html(rows: list[dict[str, Any]]) -> str:
             f"<td style='background:{colors.get(str(v), 'white')}'>{html.escape(str(v))}</td>" for v in values
         ) + "</tr>")  # fmt: skip
     out.append("</table>")
+    full_size = full_size_markdown(rows)
+    if full_size:
+        out += ["<h2>Full-size stage (GPU cells)</h2>", f"<p>{html.escape(full_size[3])}</p>", "<table>"]
+        for i, line in enumerate(full_size[5:]):
+            if i == 1:  # the markdown separator row
+                continue
+            tag = "th" if i == 0 else "td"
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            out.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
+        out.append("</table>")
     return "\n".join(out) + "\n"
 
 

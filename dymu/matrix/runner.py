@@ -2,7 +2,9 @@
 
 Stages: import (exact installed versions), fixes (verify + negative control of every fix),
 inference + golden (both families x both serializations on the tiny model, compared with
-the reference cell's outputs), bench (stock vs DyMU on the tiny model, same process). The
+the reference cell's outputs), bench (stock vs DyMU on the tiny model, same process),
+full-size (GPU cells only, else n.a.: the LLaVA-1.5-7B architecture with random weights,
+see full_size.py). The
 JSON is rewritten atomically after every stage, so a crash or timeout leaves the stages
 that finished.
 
@@ -136,7 +138,7 @@ def stage_bench(repeats: int = 5) -> dict[str, Any]:
             "latency": stats, "ratio_stock_over_dymu": stats["stock"]["mean_ms"] / stats["dymu"]["mean_ms"]}  # fmt: skip
 
 
-def run(cell: str, out: Path, golden: Path, bench: bool = True) -> dict[str, Any]:
+def run(cell: str, out: Path, golden: Path, bench: bool = True, full_size: bool = True) -> dict[str, Any]:
     from ..atomic import write_text_atomic
 
     result: dict[str, Any] = {
@@ -166,6 +168,10 @@ def run(cell: str, out: Path, golden: Path, bench: bool = True) -> dict[str, Any
         steps.append(("inference+golden", lambda: stage_inference_and_golden(golden)))
         if bench:
             steps.append(("bench", stage_bench))
+        if full_size:
+            from .full_size import stage_full_size
+
+            steps.append(("full-size", stage_full_size))
         for name, fn in steps:
             try:
                 value = fn()
@@ -192,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--golden", type=Path, default=GOLDEN_FILE)
     parser.add_argument("--no-bench", action="store_true")
+    parser.add_argument("--no-full-size", action="store_true", help="skip the full-size GPU stage")
     args = parser.parse_args(argv)
-    result = run(args.cell, args.out, args.golden, bench=not args.no_bench)
+    result = run(args.cell, args.out, args.golden, bench=not args.no_bench, full_size=not args.no_full_size)
     print(
         f"cell {args.cell}: {result['status']} ({', '.join(result['failed_stages']) or 'all stages passed'})"
     )
