@@ -176,7 +176,7 @@ def matrix(session: nox.Session) -> None:
                 "class": failure_class, "signature": signature,
                 "known": any(re.search(k, signature) for k in known), "log_tail": text[-3000:],
             })  # fmt: skip
-        outcome = result.get("failure", {}).get("class", result["status"])
+        outcome = outcome_rules.outcome(result)
         result["expected"] = expected
         result["as_expected"] = outcome == expected
         result["duration_s"] = result.get("duration_s") or round(time.time() - started, 1)

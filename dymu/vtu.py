@@ -120,14 +120,19 @@ class VtuOutput:
     values: list[torch.Tensor]
 
 
-def virtual_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, 1, N, N) additive mask: causal, and padded keys hidden."""
-    n = valid.shape[1]
-    causal = torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()
-    allowed = causal[None] & valid[:, None, :]
-    allowed |= torch.eye(n, dtype=torch.bool, device=valid.device)[None]  # padded queries see themselves
+def virtual_mask(decoder: nn.Module, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, N, N) additive prefill mask over the virtual sequence: the decoder's own causal +
+    padding mask, built through this transformers version's masking API (the causal-mask fix),
+    so VTU attends as stock LLaVA does (DYMU_SPEC step 4). Padded query rows also see
+    themselves, so no row is fully masked (their outputs only reach the dump row)."""
+    from .compat.core import causal_mask
+
+    bsz, n = valid.shape
+    probe = torch.zeros(1, 1, decoder.config.hidden_size, dtype=dtype, device=valid.device).expand(bsz, n, -1)
+    allowed = causal_mask(decoder, probe, valid.long()).to(valid.device)
+    allowed = allowed | torch.eye(n, dtype=torch.bool, device=valid.device)[None, None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def _layer(layer: nn.Module, x, cos, sin, mask, config, remerge: Remerger):
@@ -175,7 +180,7 @@ def vtu_prefill(
     if positions is None:
         positions = torch.arange(n, device=idx.device)[None].expand(bsz, n)
     cos, sin = rope_cos_sin(positions, head_dim(config), rope_theta(config), merged_embeds.dtype)
-    mask = None if valid is None else virtual_mask(valid, merged_embeds.dtype)
+    mask = None if valid is None else virtual_mask(decoder, valid, merged_embeds.dtype)
     x = merged_embeds
     remerge = Remerger(idx, merged_embeds.shape[1], merged_embeds.dtype, deterministic)
     keys, values = [], []

@@ -34,3 +34,28 @@ def test_fix_holds_and_its_negative_control_fails_as_documented(name: str, recor
 def test_patch_set_is_the_needed_fixes() -> None:
     assert {f.name for f in patch_set()} == {n for n, f in all_fixes().items() if f.needed()[0]}
     assert "scatter" in {f.name for f in patch_set()}
+
+
+def test_disabling_the_causal_mask_fix_brings_back_its_documented_error(
+    monkeypatch, tiny_checkpoints, images, calibrated
+) -> None:
+    """DYMU_DISABLE_FIXES=causal-mask makes a padded DyMU prefill call the 4.41-4.52 API, as
+    unfixed DyMU-style code does: it must die with the documented error wherever that API is gone."""
+    import dymu
+    from dymu.compat import disabled
+    from dymu.versions import transformers_at_least
+
+    model = dymu.load(tiny_checkpoints["llava-hf-tiny-safetensors"], thresholds=calibrated)
+    prompts = [dymu.format_prompt("What is in the picture?"), dymu.format_prompt("Describe it, please.")]
+    fine = model.prepare(prompts, images[:2])
+    assert not bool(fine.attention_mask.all()), "the batch must be padded to reach the mask"
+    monkeypatch.setenv("DYMU_DISABLE_FIXES", "causal-mask, scatter")
+    assert disabled() == {"causal-mask", "scatter"} and disabled("causal-mask")
+    assert check(all_fixes()["causal-mask"], negative=False)["disabled"]
+    if transformers_at_least("4.41") and not transformers_at_least("4.53"):  # the old API still exists here
+        assert model.prepare(prompts, images[:2]).visual_tokens == fine.visual_tokens
+        return
+    with pytest.raises(AttributeError, match=all_fixes()["causal-mask"].error):
+        model.prepare(prompts, images[:2])
+    with pytest.raises(AttributeError, match=all_fixes()["causal-mask"].error):
+        all_fixes()["causal-mask"].verify()

@@ -106,3 +106,22 @@ def test_report_shows_the_full_size_stage_of_gpu_cells(tmp_path) -> None:
     line = next(x for x in markdown.splitlines() if x.startswith("| gpu-tf4.37.2 | NVIDIA H200 |"))
     assert "0.168 / 0.161" in line and "| 0.75 | 1.90 |" in line
     assert "<h2>Full-size stage (GPU cells)</h2>" in (tmp_path / "matrix.html").read_text()
+
+
+def test_outcome_names_the_class_and_whether_the_signature_is_known() -> None:
+    from dymu.matrix.runner import failure_summary
+
+    assert outcome.outcome({"status": "pass"}) == "pass"
+    mask_error = "AttributeError: 'LlamaModel' object has no attribute '_update_causal_mask'"
+    stages = {
+        "inference": {"status": "fail", "cases": {"a": {"status": "fail", "error": mask_error},
+                                                  "b": {"status": "pass"}}},
+        "golden": {"status": "fail", "cases": {"a": {"status": "fail", "problems": ["greedy_ids differ"]}}},
+        "fixes": {"status": "fail", "fixes": [{"fix": "causal-mask", "verify": "failed", "detail": mask_error}]},
+    }  # fmt: skip
+    known = failure_summary(stages, ["inference", "fixes"])
+    assert known["known"] and known["signature"] == mask_error
+    assert outcome.outcome({"status": "fail", "failure": known}) == "stage-failure/known"
+    unknown = failure_summary(stages, ["inference", "golden"])  # a silent drift matches no fix
+    assert not unknown["known"]
+    assert outcome.outcome({"status": "fail", "failure": unknown}) == "stage-failure"

@@ -9,6 +9,7 @@ Like scikit-learn's `utils/fixes.py`, every version-dependent workaround sits in
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -97,15 +98,27 @@ def all_fixes() -> dict[str, Fix]:
     return fixes
 
 
+DISABLE_ENV = "DYMU_DISABLE_FIXES"
+
+
+def disabled(name: str | None = None) -> bool | set[str]:
+    """Fixes switched off with DYMU_DISABLE_FIXES=a,b: the matrix's broken-cell check (a cell that
+    needs the fix must then fail with its documented error). With `name`, whether that one is."""
+    names = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+    return name in names if name is not None else names
+
+
 def patch_set() -> list[Fix]:
     """The fixes the installed versions need."""
     return [fix for fix in all_fixes().values() if fix.needed()[0]]
 
 
 def apply_patch_set() -> list[str]:
-    """Apply every needed fix (idempotent); returns their names."""
+    """Apply every needed fix that is not disabled (idempotent); returns their names."""
     applied = []
     for fix in patch_set():
+        if disabled(fix.name):
+            continue
         fix.apply()
         applied.append(fix.name)
     return applied
@@ -119,8 +132,11 @@ def check(fix: Fix, negative: bool = True) -> dict[str, str]:
     if missing:
         result.update(verify="n.a.", detail=f"needs {', '.join(missing)}", negative="n.a.")
         return result
+    if disabled(fix.name):
+        result["disabled"] = f"by {DISABLE_ENV}"
     try:
-        fix.apply()
+        if not disabled(fix.name):
+            fix.apply()
         result.update(verify="held", detail=fix.verify() if fix.verify else "")
     except Exception as err:
         result.update(

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..versions import installed, transformers_at_least
-from . import register
+from . import disabled, register
 
 # ---------------------------------------------------------------- helpers shared by checks
 
@@ -269,7 +269,11 @@ def causal_mask(decoder, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
     bsz, q = inputs_embeds.shape[:2]
     past = 0 if past_key_values is None else cache_tensors(past_key_values)[0][0].shape[-2]
     cache_position = torch.arange(past, past + q, device=inputs_embeds.device)
-    if not transformers_at_least("4.41"):
+    if disabled("causal-mask"):  # what DyMU-style code written for 4.41-4.52 does on any version
+        mask = decoder._update_causal_mask(
+            attention_mask, inputs_embeds, cache_position, past_key_values, False
+        )
+    elif not transformers_at_least("4.41"):
         from transformers.modeling_attn_mask_utils import _prepare_4d_causal_attention_mask
 
         mask = _prepare_4d_causal_attention_mask(attention_mask, (bsz, q), inputs_embeds, past)
@@ -291,7 +295,8 @@ def causal_mask(decoder, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
         mask = create_causal_mask(**kwargs)
     kv = attention_mask.shape[1]
     reference = (
-        torch.ones(q, kv, dtype=torch.bool).tril(kv - q)[None, None] & attention_mask.bool()[:, None, None]
+        torch.ones(q, kv, dtype=torch.bool, device=attention_mask.device).tril(kv - q)[None, None]
+        & attention_mask.bool()[:, None, None]
     )
     if mask is None:  # the model would use plain causal attention (or build it itself)
         return reference

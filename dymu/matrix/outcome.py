@@ -17,6 +17,15 @@ def known_signatures(fixes_toml: Path) -> list[str]:
     return [fix["error"] for fix in tomllib.loads(fixes_toml.read_text(encoding="utf-8")).values()]
 
 
+def outcome(result: dict) -> str:
+    """One word for a cell's result, compared with its `expect`: pass, or the failure class with
+    `/known` when its signature is a fix's documented error (e.g. `stage-failure/known`)."""
+    failure = result.get("failure")
+    if not failure:
+        return str(result.get("status", "?"))
+    return failure.get("class", "fail") + ("/known" if failure.get("known") else "")
+
+
 def classify(returncode: int | None, log: str, timed_out: bool) -> tuple[str, str]:
     """(class, signature): timeout / oom / crash / install-failure, from the exit and the log."""
     tail = [line for line in log.strip().splitlines() if line.strip()][-40:]

@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import signal
 import sys
 import time
@@ -138,6 +139,27 @@ def stage_bench(repeats: int = 5) -> dict[str, Any]:
             "latency": stats, "ratio_stock_over_dymu": stats["stock"]["mean_ms"] / stats["dymu"]["mean_ms"]}  # fmt: skip
 
 
+def _stage_errors(stage: dict[str, Any]) -> list[str]:
+    """The error texts a failed stage recorded (its own, or its failing fixes' and cases')."""
+    texts = [stage["error"]] if "error" in stage else []
+    texts += [f.get("detail", "") for f in stage.get("fixes", []) if f.get("verify") == "failed"]
+    for case in stage.get("cases", {}).values():
+        if case.get("status") == "fail":
+            texts += [case["error"]] if "error" in case else case.get("problems", [])
+    return texts or ["(no error text)"]
+
+
+def failure_summary(stages: dict[str, Any], failed: list[str]) -> dict[str, Any]:
+    """Class `stage-failure`; known when every error matches a fix's documented signature."""
+    from ..compat import all_fixes
+
+    signatures = [fix.error for fix in all_fixes().values()]
+    texts = [t for name in failed for t in _stage_errors(stages[name])]
+    matched = {t: next((s for s in signatures if re.search(s, t)), None) for t in texts}
+    return {"class": "stage-failure", "signature": texts[0][:300], "known": all(matched.values()),
+            "stages": failed}  # fmt: skip
+
+
 def run(cell: str, out: Path, golden: Path, bench: bool = True, full_size: bool = True) -> dict[str, Any]:
     from ..atomic import write_text_atomic
 
@@ -159,6 +181,12 @@ def run(cell: str, out: Path, golden: Path, bench: bool = True, full_size: bool 
 
         import dymu  # noqa: F401
 
+        from ..compat import DISABLE_ENV, all_fixes, disabled
+
+        unknown = sorted(disabled() - set(all_fixes()))
+        if unknown:  # a typo would make the broken-cell check pass vacuously
+            raise ValueError(f"{DISABLE_ENV} names unknown fixes {unknown}; known: {sorted(all_fixes())}")
+        result["disabled_fixes"] = sorted(disabled())
         result["stages"]["import"] = {"status": "pass"}
     except Exception as err:
         result["stages"]["import"] = {"status": "fail", **_error(err)}
@@ -185,6 +213,8 @@ def run(cell: str, out: Path, golden: Path, bench: bool = True, full_size: bool 
     failed = [n for n, s in result["stages"].items() if s["status"] == "fail"]
     result["status"] = "fail" if failed else "pass"
     result["failed_stages"] = failed
+    if failed:
+        result["failure"] = failure_summary(result["stages"], failed)
     result["duration_s"] = round(time.perf_counter() - t0, 1)
     save()
     return result
