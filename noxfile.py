@@ -6,7 +6,8 @@
 - `nox -s golden`: regenerate the golden outputs in the reference cell;
 - `nox -s matrix -- --set core` (default `core`; also `quick`, `broken`, `tests`): every cell of
   a set, each in its own nox process with a timeout, then reports/matrix.{json,md,html};
-  `--force` re-runs cells whose result is fresh, `--timeout S` per cell, `--cells a,b` picks cells.
+  `--force` re-runs cells whose result is fresh, `--timeout S` per cell, `--cells a,b` picks cells,
+  `--backend local` picks where cells run (dymu/matrix/backends.py; local is the only one so far).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -32,6 +32,7 @@ nox.options.sessions = ["lint", "tests"]
 def _load_by_path(name: str, path: Path):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
@@ -78,7 +79,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python="3.11")
 @nox.parametrize("cell", TEST_CELLS, ids=TEST_CELLS)
 def tests(session: nox.Session, cell: str) -> None:
-    """Unit tests in one matrix cell's stack."""
+    """Unit tests in one matrix cell's stack, then that cell's matrix runner (-> reports/cells/)."""
     install_cell(session, cell)
     report = ROOT / ".nox" / f"junit-{cell}.xml"
     session.run("dymu", "doctor")
@@ -90,10 +91,26 @@ def tests(session: nox.Session, cell: str) -> None:
     session.log(
         f"cell {cell}: {totals['passed']} passed, {totals['failed']} failed, {totals['skipped']} skipped"
     )
+    runner_status = run_cell_runner(session, cell, success_codes=[0, 1])
     if totals["passed"] + totals["failed"] == 0:
         session.error(f"pytest collected no tests in cell {cell} (exit 5): a broken test tree, not a pass")
     if totals["failed"]:
         session.error(f"{totals['failed']} test(s) failed in cell {cell}")
+    if runner_status != "pass":
+        session.error(
+            f"the matrix runner says {runner_status!r} in cell {cell}: see reports/cells/{cell}.json"
+        )
+
+
+def run_cell_runner(session: nox.Session, cell: str, **kwargs) -> str:
+    """The cell runner in this session's env, with the cell's `env`; returns the result's status."""
+    out = REPORTS / "cells" / f"{cell}.json"
+    env = {k: str(v) for k, v in CELLS["cells"][cell].get("env", {}).items()}
+    session.run("python", "-m", "dymu.matrix.runner", "--cell", cell, "--out", str(out), env=env, **kwargs)
+    try:
+        return json.loads(out.read_text())["status"]
+    except (OSError, ValueError, KeyError):
+        return "no result"
 
 
 @nox.session(python="3.11")
@@ -101,9 +118,7 @@ def tests(session: nox.Session, cell: str) -> None:
 def cell(session: nox.Session, cell: str) -> None:
     """Build one cell's environment and run the cell runner in it."""
     install_cell(session, cell)
-    out = REPORTS / "cells" / f"{cell}.json"
-    env = {k: str(v) for k, v in CELLS["cells"][cell].get("env", {}).items()}
-    session.run("python", "-m", "dymu.matrix.runner", "--cell", cell, "--out", str(out), env=env)
+    run_cell_runner(session, cell)
 
 
 @nox.session(python="3.11")
@@ -140,6 +155,16 @@ def matrix(session: nox.Session) -> None:
     unknown = [m for m in members if m not in CELLS["cells"]]
     if unknown:
         session.error(f"unknown cells: {', '.join(unknown)}")
+    backends = _load_by_path("dymu_backends", ROOT / "dymu" / "matrix" / "backends.py")
+    try:
+        backend = backends.get_backend(
+            args[args.index("--backend") + 1] if "--backend" in args else "local", ROOT
+        )
+    except ValueError as err:
+        session.error(str(err))
+    why_not = backend.unavailable()
+    if why_not:
+        session.error(why_not)
     code = _load_by_path("dymu_runner_digest", ROOT / "dymu" / "matrix" / "digest.py").code_digest(ROOT)
     outcome_rules = _load_by_path("dymu_outcome", ROOT / "dymu" / "matrix" / "outcome.py")
     known = outcome_rules.known_signatures(ROOT / "patches" / "fixes.toml")
@@ -155,17 +180,13 @@ def matrix(session: nox.Session) -> None:
                 f"cell {name}: fresh result for this code and these versions, skipped (--force re-runs)"
             )
             continue
-        session.log(f"cell {name}: torch {pins['torch']} + transformers {pins['transformers']} ...")
+        session.log(
+            f"cell {name}: torch {pins['torch']} + transformers {pins['transformers']} ({backend.name}) ..."
+        )
         started = time.time()
         log_path = REPORTS / "logs" / f"{name}.log"
-        timed_out, returncode = False, None
-        with log_path.open("w") as log:
-            try:
-                proc = subprocess.run([sys.executable, "-m", "nox", "-s", f"cell({name})"], stdout=log,
-                                      stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT)  # fmt: skip
-                returncode = proc.returncode
-            except subprocess.TimeoutExpired:
-                timed_out = True
+        run = backend.run_cell(name, CELLS["cells"][name], log_path, timeout)
+        timed_out, returncode = run.timed_out, run.returncode
         text = log_path.read_text(errors="replace")
         result = _fresh(name, started_after=started)
         if result is None or result.get("status") == "running" or timed_out or returncode not in (0, 1):

@@ -125,3 +125,20 @@ def test_outcome_names_the_class_and_whether_the_signature_is_known() -> None:
     unknown = failure_summary(stages, ["inference", "golden"])  # a silent drift matches no fix
     assert not unknown["known"]
     assert outcome.outcome({"status": "fail", "failure": unknown}) == "stage-failure"
+
+
+def test_backend_is_picked_by_name_and_runs_a_logged_process_with_a_timeout(tmp_path) -> None:
+    import sys
+
+    from dymu.matrix import backends
+
+    assert isinstance(backends.get_backend("local", tmp_path), backends.LocalBackend)
+    with pytest.raises(ValueError, match="available: local"):
+        backends.get_backend("kubernetes", tmp_path)
+    log = tmp_path / "logs" / "c.log"
+    done = backends.run_logged(
+        [sys.executable, "-c", "print('hello'); raise SystemExit(3)"], log, 60, tmp_path
+    )
+    assert (done.returncode, done.timed_out) == (3, False) and "hello" in log.read_text()
+    hung = backends.run_logged([sys.executable, "-c", "import time; time.sleep(30)"], log, 1, tmp_path)
+    assert hung.timed_out and hung.returncode is None
