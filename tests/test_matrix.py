@@ -17,6 +17,19 @@ def test_shipped_cells_are_valid_and_sets_name_real_cells() -> None:
     assert {"reference", "latest"} <= set(data["cells"])
     assert set(data["sets"]["quick"]) <= set(data["cells"])
     assert "f-4.41-oldest" in data["cells"], "dotted cell names must be quoted in TOML"
+    assert data["cells"]["reference"]["image"] == "nvidia/cuda:12.1.1-base-ubuntu22.04"
+    assert all(c["image"].startswith("nvidia/cuda:") for c in data["cells"].values())
+
+
+def test_a_cell_without_a_base_image_is_rejected(tmp_path) -> None:
+    text = (
+        (ROOT / "envs" / "cells.toml")
+        .read_text()
+        .replace('"2.15" = "nvidia/cuda:13.0.0-base-ubuntu22.04"', "")
+    )
+    (tmp_path / "cells.toml").write_text(text)
+    with pytest.raises(ValueError, match=r"no CUDA base image for torch 2\.15"):
+        cells.load(tmp_path / "cells.toml")
 
 
 @pytest.mark.parametrize(

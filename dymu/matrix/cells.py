@@ -58,10 +58,24 @@ def validate(name: str, cell: dict[str, Any]) -> None:
         raise ValueError(f"cell {name!r}: torch {cell['torch']} needs numpy<2 in companions")
 
 
+def image_for(name: str, cell: dict[str, Any], images: dict[str, str]) -> str:
+    """The cell's CUDA base image for the Docker backend: its own `image`, else [images] by torch."""
+    if isinstance(cell.get("image"), str):
+        return cell["image"]
+    minor = ".".join(cell["torch"].split("+")[0].split(".")[:2])
+    if minor not in images:
+        raise ValueError(
+            f"cell {name!r}: no CUDA base image for torch {minor}: add it to [images] or set `image`"
+        )
+    return images[minor]
+
+
 def load(path: Path) -> dict[str, Any]:
+    """The cells (each with its resolved `image`) and sets; ValueError names the bad entry."""
     data = tomllib.loads(path.read_text(encoding="utf-8"))
     for name, cell in data["cells"].items():
         validate(name, cell)
+        cell["image"] = image_for(name, cell, data.get("images", {}))
     for set_name, members in data["sets"].items():
         unknown = [m for m in members if m not in data["cells"]]
         if unknown:
