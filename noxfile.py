@@ -7,7 +7,7 @@
 - `nox -s matrix -- --set core` (default `core`; also `quick`, `broken`, `tests`): every cell of
   a set, each in its own nox process with a timeout, then reports/matrix.{json,md,html};
   `--force` re-runs cells whose result is fresh, `--timeout S` per cell, `--cells a,b` picks cells,
-  `--backend local` picks where cells run (dymu/matrix/backends.py; local is the only one so far).
+  `--backend local|docker` picks where cells run (dymu/matrix/backends.py).
 """
 
 from __future__ import annotations
@@ -38,19 +38,14 @@ def _load_by_path(name: str, path: Path):
 
 
 CELLS = _load_by_path("dymu_cells", ROOT / "dymu" / "matrix" / "cells.py").load(ROOT / "envs" / "cells.toml")
+BACKENDS = _load_by_path("dymu_backends", ROOT / "dymu" / "matrix" / "backends.py")
 ALL_CELLS = list(CELLS["cells"])
 TEST_CELLS = CELLS["sets"]["tests"]
 REPORTS = ROOT / "reports"
 
 
-def cell_requirements(name: str) -> list[str]:
-    """Pinned torch/transformers plus companion pins for one cell."""
-    cell = CELLS["cells"][name]
-    return [f"torch=={cell['torch']}", f"transformers=={cell['transformers']}", *cell.get("companions", [])]
-
-
 def install_cell(session: nox.Session, name: str) -> None:
-    session.install(*cell_requirements(name))
+    session.install(*BACKENDS.cell_requirements(CELLS["cells"][name]))
     session.install("-e", ".[test]")
     if CELLS["cells"][name].get("legacy"):
         session.install("--no-deps", *CELLS["cells"][name]["legacy"])
@@ -155,9 +150,8 @@ def matrix(session: nox.Session) -> None:
     unknown = [m for m in members if m not in CELLS["cells"]]
     if unknown:
         session.error(f"unknown cells: {', '.join(unknown)}")
-    backends = _load_by_path("dymu_backends", ROOT / "dymu" / "matrix" / "backends.py")
     try:
-        backend = backends.get_backend(
+        backend = BACKENDS.get_backend(
             args[args.index("--backend") + 1] if "--backend" in args else "local", ROOT
         )
     except ValueError as err:

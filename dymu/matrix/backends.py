@@ -8,6 +8,9 @@ Standard library only: the noxfile loads this file by path, before any cell env 
 
 from __future__ import annotations
 
+import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -62,7 +65,127 @@ class LocalBackend:
         return run_logged([sys.executable, "-m", "nox", "-s", f"cell({name})"], log_path, timeout, self.root)
 
 
-BACKENDS = {"local": LocalBackend}
+def cell_requirements(cell: dict[str, Any]) -> list[str]:
+    """Pinned torch/transformers plus the companion pins (both backends install exactly these)."""
+    return [f"torch=={cell['torch']}", f"transformers=={cell['transformers']}", *cell.get("companions", [])]
+
+
+def container_script(name: str, cell: dict[str, Any]) -> str:
+    """What a Docker cell runs: copy the (read-only) source, build the venv with uv, run the runner."""
+    reqs = " ".join(shlex.quote(r) for r in cell_requirements(cell))
+    legacy = " ".join(shlex.quote(r) for r in cell.get("legacy", []))
+    lines = [
+        "set -euo pipefail",
+        "mkdir -p /tmp/work && cp -r /src/dymu /src/patches /src/tests /src/pyproject.toml /src/README.md /tmp/work/",
+        f"uv venv -q /tmp/cell --python python{cell['python']}",
+        "export VIRTUAL_ENV=/tmp/cell PATH=/tmp/cell/bin:$PATH",
+        f"uv pip install -q {reqs}",
+        "uv pip install -q -e /tmp/work",
+        *([f"uv pip install -q --no-deps {legacy}"] if legacy else []),
+        f"python -m dymu.matrix.runner --cell {shlex.quote(name)} --out /out/{shlex.quote(name)}.json",
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class DockerBackend:
+    """A container per cell, through the Docker SDK. The image is the cell's CUDA base image
+    (envs/cells.toml `[images]`; DYMU_DOCKER_BASE overrides it, e.g. where no registry can be
+    reached) plus Python and uv (the `cell` target of docker/Dockerfile), built once per base and Python. The
+    container installs the cell's pins with the host's uv cache mounted, runs the cell runner on
+    a copy of the read-only source and writes reports/cells/<cell>.json. GPUs are passed through
+    when the engine has the NVIDIA runtime (DYMU_DOCKER_GPUS=all|none overrides)."""
+
+    root: Path
+    name: str = "docker"
+
+    def _client(self):
+        import docker  # the Docker SDK; only this backend needs it
+
+        return docker.from_env()
+
+    def unavailable(self) -> str | None:
+        try:
+            import docker  # noqa: F401
+        except ImportError:
+            return "the docker backend needs the Docker SDK next to nox: python -m pip install docker"
+        try:
+            self._client().ping()
+        except Exception as err:
+            return f"no Docker engine reachable ({type(err).__name__}): start dockerd or set DOCKER_HOST"
+        return None
+
+    def base_image(self, cell: dict[str, Any]) -> str:
+        return os.environ.get("DYMU_DOCKER_BASE") or cell["image"]
+
+    def image(self, cell: dict[str, Any], log) -> str:
+        """dymu-cell:<base>-py<python>, built from docker/Dockerfile (target `cell`) when missing."""
+        import docker
+
+        base = self.base_image(cell)
+        tag = "dymu-cell:" + re.sub(r"[^A-Za-z0-9_.-]+", "-", base)[:100] + f"-py{cell['python']}"
+        client = self._client()
+        try:
+            client.images.get(tag)
+            return tag
+        except docker.errors.ImageNotFound:
+            pass
+        log.write(f"building {tag} from {base}\n")
+        _, output = client.images.build(path=str(self.root / "docker"), dockerfile="Dockerfile", target="cell", tag=tag,
+                                        buildargs={"BASE_IMAGE": base, "PYTHON": cell["python"]},
+                                        network_mode="host", rm=True)  # fmt: skip
+        for chunk in output:
+            log.write(chunk.get("stream", ""))
+        return tag
+
+    def gpus(self) -> bool:
+        choice = os.environ.get("DYMU_DOCKER_GPUS", "auto")
+        if choice != "auto":
+            return choice == "all"
+        return "nvidia" in (self._client().info().get("Runtimes") or {})
+
+    def run_cell(self, name: str, cell: dict[str, Any], log_path: Path, timeout: float) -> CellRun:
+        import requests
+
+        import docker
+
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        out = self.root / "reports" / "cells"
+        out.mkdir(parents=True, exist_ok=True)
+        uv_cache = Path(os.environ.get("UV_CACHE_DIR", Path.home() / ".cache" / "uv"))
+        uv_cache.mkdir(parents=True, exist_ok=True)
+        with log_path.open("w") as log:
+            try:
+                image = self.image(cell, log)
+            except (docker.errors.BuildError, docker.errors.APIError) as err:
+                log.write(f"Failed to build the cell image: {err}\n")
+                return CellRun(1, False)
+            log.flush()
+            env = {"HOME": "/tmp", "UV_CACHE_DIR": "/uv-cache", "UV_LINK_MODE": "copy", "UV_PYTHON_DOWNLOADS": "never",
+                   **{k: str(v) for k, v in cell.get("env", {}).items()}}  # fmt: skip
+            volumes = {str(self.root): {"bind": "/src", "mode": "ro"}, str(out): {"bind": "/out", "mode": "rw"},
+                       str(uv_cache): {"bind": "/uv-cache", "mode": "rw"}}  # fmt: skip
+            devices = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if self.gpus() else []
+            container = self._client().containers.run(
+                image, ["bash", "-c", container_script(name, cell)], detach=True, environment=env,
+                volumes=volumes, network_mode="host", device_requests=devices,
+                user=f"{os.getuid()}:{os.getgid()}", labels={"dymu.cell": name},
+            )  # fmt: skip
+            timed_out, code = False, None
+            try:
+                code = container.wait(timeout=timeout)["StatusCode"]
+            except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+                timed_out = True
+                container.kill()
+            log.write(container.logs().decode(errors="replace"))
+            container.reload()
+            if container.attrs.get("State", {}).get("OOMKilled"):
+                log.write("\nOOMKilled: the container ran out of memory (Cannot allocate memory)\n")
+            container.remove(force=True)
+        return CellRun(code, timed_out)
+
+
+BACKENDS = {"local": LocalBackend, "docker": DockerBackend}
 
 
 def get_backend(name: str, root: Path) -> Backend:

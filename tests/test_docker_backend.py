@@ -1,0 +1,92 @@
+"""The Docker backend: what it runs in a container (always checked), and one real cell on a real
+Docker engine (runs where an engine is reachable and DYMU_DOCKER_BASE names a base image that
+exists there, since the CUDA images need a registry; skipped otherwise, e.g. in CI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+
+import pytest
+
+from dymu.matrix import backends, cells
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CELLS = cells.load(ROOT / "envs" / "cells.toml")
+
+
+def test_container_script_installs_the_cells_pins_and_runs_the_runner() -> None:
+    script = backends.container_script("reference", CELLS["cells"]["reference"])
+    assert "uv pip install -q torch==2.1.2 transformers==4.37.2 'numpy<2'" in script
+    assert "uv pip install -q --no-deps llava-torch==1.2.2.post1" in script
+    assert "--python python3.11" in script and script.startswith("set -euo pipefail")
+    assert script.rstrip().endswith("python -m dymu.matrix.runner --cell reference --out /out/reference.json")
+    assert "-e /tmp/work" in script  # the runner finds the golden file next to the source copy
+
+
+def test_docker_backend_reports_why_it_cannot_run(monkeypatch, tmp_path) -> None:
+    backend = backends.get_backend("docker", tmp_path)
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    reason = backend.unavailable()
+    assert reason and ("Docker SDK" in reason or "no Docker engine reachable" in reason)
+
+
+def _engine_and_base() -> str | None:
+    base = os.environ.get("DYMU_DOCKER_BASE")
+    if not base:
+        return None
+    try:
+        import docker
+
+        docker.from_env().images.get(base)
+    except Exception:
+        return None
+    return base
+
+
+@pytest.mark.skipif(
+    _engine_and_base() is None, reason="needs a Docker engine and DYMU_DOCKER_BASE (a local base)"
+)
+def test_a_real_cell_runs_in_a_container(tmp_path) -> None:
+    """The `latest` cell end to end in a container: image build, uv install, runner, JSON out."""
+    root = tmp_path / "repo"  # a copy: the container mounts it, so host symlinks would dangle
+    root.mkdir()
+    for part in ("dymu", "patches", "tests", "docker", "pyproject.toml", "README.md"):
+        src = ROOT / part
+        if src.is_file():
+            shutil.copy(src, root / part)
+        else:
+            shutil.copytree(src, root / part, ignore=shutil.ignore_patterns("__pycache__"))
+    backend = backends.DockerBackend(root)
+    run = backend.run_cell("latest", CELLS["cells"]["latest"], tmp_path / "latest.log", timeout=1500)
+    log = (tmp_path / "latest.log").read_text()
+    assert (run.returncode, run.timed_out) == (0, False), log[-3000:]
+    result = json.loads((root / "reports" / "cells" / "latest.json").read_text())
+    assert result["status"] == "pass" and result["versions"]["transformers"] == "5.24.0"
+    assert result["stages"]["golden"]["status"] == "pass"
+
+
+def test_compose_bench_runs_the_latest_cells_stack_on_the_gpus() -> None:
+    """compose.yaml cannot read envs/cells.toml, so its pins are checked against it here."""
+    yaml = pytest.importorskip("yaml")
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    latest = CELLS["cells"]["latest"]
+    args = services["bench"]["build"]["args"]
+    assert (args["TORCH"], args["TRANSFORMERS"], args["PYTHON"]) == (latest["torch"], latest["transformers"],
+                                                                     latest["python"])  # fmt: skip
+    assert args["BASE_IMAGE"] == f"${{DYMU_BASE_IMAGE:-{latest['image']}}}"
+    assert services["bench"]["build"]["target"] == "bench"
+    assert services["bench"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert services["bench"]["command"][:3] == ["python", "-m", "dymu.bench.llava"]
+    assert services["bench-cpu"]["profiles"] == ["cpu"] and "deploy" not in services["bench-cpu"]
+
+
+def test_workflow_runs_the_matrix_with_the_docker_backend_on_a_gpu_runner() -> None:
+    yaml = pytest.importorskip("yaml")
+    job = yaml.safe_load((ROOT / ".github" / "workflows" / "gpu-matrix.yml").read_text())["jobs"]["matrix"]
+    assert job["runs-on"] == ["self-hosted", "linux", "x64", "gpu"]
+    commands = [step.get("run", "") for step in job["steps"]]
+    assert any("nox -s matrix -- --set" in c and "--backend docker" in c for c in commands)
+    assert any("docker compose up --build --exit-code-from bench bench" in c for c in commands)
