@@ -146,7 +146,7 @@ def test_backend_is_picked_by_name_and_runs_a_logged_process_with_a_timeout(tmp_
     from dymu.matrix import backends
 
     assert isinstance(backends.get_backend("local", tmp_path), backends.LocalBackend)
-    with pytest.raises(ValueError, match="available: local"):
+    with pytest.raises(ValueError, match="available: docker, local"):
         backends.get_backend("kubernetes", tmp_path)
     log = tmp_path / "logs" / "c.log"
     done = backends.run_logged(

@@ -162,6 +162,7 @@ class DockerBackend:
                 return CellRun(1, False)
             log.flush()
             env = {"HOME": "/tmp", "UV_CACHE_DIR": "/uv-cache", "UV_LINK_MODE": "copy", "UV_PYTHON_DOWNLOADS": "never",
+                   "DYMU_MATRIX_BACKEND": "docker",
                    **{k: str(v) for k, v in cell.get("env", {}).items()}}  # fmt: skip
             volumes = {str(self.root): {"bind": "/src", "mode": "ro"}, str(out): {"bind": "/out", "mode": "rw"},
                        str(uv_cache): {"bind": "/uv-cache", "mode": "rw"}}  # fmt: skip

@@ -61,7 +61,7 @@ def summarize(cell: dict[str, Any]) -> dict[str, Any]:
     bench = stages.get("bench", {})
     return {
         "cell": cell.get("cell"),
-        "where": cell.get("where", "cpu"),
+        "where": cell.get("where", "cpu") + ("/docker" if cell.get("backend") == "docker" else ""),
         "torch": cell.get("versions", {}).get("torch", "?"),
         "transformers": cell.get("versions", {}).get("transformers", "?"),
         "status": cell.get("status", "?"),

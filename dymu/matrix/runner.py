@@ -166,6 +166,7 @@ def run(cell: str, out: Path, golden: Path, bench: bool = True, full_size: bool 
     result: dict[str, Any] = {
         "schema": SCHEMA, "cell": cell, "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "code": code_digest(), "versions": versions(), "status": "running", "stages": {},
+        "backend": os.environ.get("DYMU_MATRIX_BACKEND", "local"),
     }  # fmt: skip
 
     def save() -> None:
@@ -176,7 +177,7 @@ def run(cell: str, out: Path, golden: Path, bench: bool = True, full_size: bool 
     if os.environ.get("DYMU_MATRIX_SELF_KILL") == "1":  # the matrix's failure-isolation check
         os.kill(os.getpid(), signal.SIGKILL)
     try:
-        import torch  # noqa: F401 - the import itself is the stage
+        import torch  # the import itself is the stage
         import transformers  # noqa: F401
 
         import dymu  # noqa: F401
@@ -187,6 +188,7 @@ def run(cell: str, out: Path, golden: Path, bench: bool = True, full_size: bool 
         if unknown:  # a typo would make the broken-cell check pass vacuously
             raise ValueError(f"{DISABLE_ENV} names unknown fixes {unknown}; known: {sorted(all_fixes())}")
         result["disabled_fixes"] = sorted(disabled())
+        result["where"] = "gpu" if torch.cuda.is_available() else "cpu"
         result["stages"]["import"] = {"status": "pass"}
     except Exception as err:
         result["stages"]["import"] = {"status": "fail", **_error(err)}
