@@ -91,7 +91,8 @@ def container_script(name: str, cell: dict[str, Any]) -> str:
 class DockerBackend:
     """A container per cell, through the Docker SDK. The image is the cell's CUDA base image
     (envs/cells.toml `[images]`; DYMU_DOCKER_BASE overrides it, e.g. where no registry can be
-    reached) plus Python and uv (the `cell` target of docker/Dockerfile), built once per base and Python. The
+    reached) plus Python and uv (the `cell` target of docker/Dockerfile), built once per base and Python
+    (DYMU_DOCKER_CA_CERT: a PEM file of extra CAs to trust, for a TLS-inspecting proxy). The
     container installs the cell's pins with the host's uv cache mounted, runs the cell runner on
     a copy of the read-only source and writes reports/cells/<cell>.json. GPUs are passed through
     when the engine has the NVIDIA runtime (DYMU_DOCKER_GPUS=all|none overrides)."""
@@ -131,11 +132,17 @@ class DockerBackend:
         except docker.errors.ImageNotFound:
             pass
         log.write(f"building {tag} from {base}\n")
-        _, output = client.images.build(path=str(self.root / "docker"), dockerfile="Dockerfile", target="cell", tag=tag,
-                                        buildargs={"BASE_IMAGE": base, "PYTHON": cell["python"]},
-                                        network_mode="host", rm=True)  # fmt: skip
-        for chunk in output:
-            log.write(chunk.get("stream", ""))
+        args = {"BASE_IMAGE": base, "PYTHON": cell["python"]}
+        ca = os.environ.get("DYMU_DOCKER_CA_CERT")
+        if ca:  # trust a TLS-inspecting proxy's CA inside the image (public certificates, not secrets)
+            args["EXTRA_CA_CERT"] = Path(ca).read_text()
+        try:
+            _, output = client.images.build(path=str(self.root / "docker"), dockerfile="Dockerfile", target="cell",
+                                            tag=tag, buildargs=args, network_mode="host", rm=True)  # fmt: skip
+        except docker.errors.BuildError as err:
+            log.writelines(chunk.get("stream", "") for chunk in err.build_log)
+            raise
+        log.writelines(chunk.get("stream", "") for chunk in output)
         return tag
 
     def gpus(self) -> bool:
