@@ -126,8 +126,7 @@ def golden(session: nox.Session) -> None:
 # ------------------------------------------------------------------------------ the matrix
 
 
-def _fresh(name: str, started_after: float | None = None) -> dict | None:
-    path = REPORTS / "cells" / f"{name}.json"
+def _fresh(path: Path, started_after: float | None = None) -> dict | None:
     if not path.is_file():
         return None
     try:
@@ -165,7 +164,8 @@ def matrix(session: nox.Session) -> None:
     (REPORTS / "logs").mkdir(parents=True, exist_ok=True)
     for name in members:
         expected = CELLS["cells"][name].get("expect", "pass")
-        previous = _fresh(name)
+        out = backend.results / f"{name}.json"
+        previous = _fresh(out)
         pins = CELLS["cells"][name]
         if (not force and previous and previous.get("code") == code and previous.get("status") == "pass"
                 and previous.get("versions", {}).get("transformers") == pins["transformers"]
@@ -182,7 +182,7 @@ def matrix(session: nox.Session) -> None:
         run = backend.run_cell(name, CELLS["cells"][name], log_path, timeout)
         timed_out, returncode = run.timed_out, run.returncode
         text = log_path.read_text(errors="replace")
-        result = _fresh(name, started_after=started)
+        result = _fresh(out, started_after=started)
         if result is None or result.get("status") == "running" or timed_out or returncode not in (0, 1):
             failure_class, signature = outcome_rules.classify(returncode, text, timed_out)
             result = result or {"schema": 1, "cell": name, "versions": {"torch": pins["torch"],
@@ -195,7 +195,6 @@ def matrix(session: nox.Session) -> None:
         result["expected"] = expected
         result["as_expected"] = outcome == expected
         result["duration_s"] = result.get("duration_s") or round(time.time() - started, 1)
-        out = REPORTS / "cells" / f"{name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
         session.log(f"cell {name}: {outcome} (expected {expected}) in {time.time() - started:.0f} s")

@@ -63,7 +63,7 @@ def test_a_real_cell_runs_in_a_container(tmp_path) -> None:
     run = backend.run_cell("latest", CELLS["cells"]["latest"], tmp_path / "latest.log", timeout=1500)
     log = (tmp_path / "latest.log").read_text()
     assert (run.returncode, run.timed_out) == (0, False), log[-3000:]
-    result = json.loads((root / "reports" / "cells" / "latest.json").read_text())
+    result = json.loads((root / "reports" / "docker" / "cells" / "latest.json").read_text())
     assert result["status"] == "pass" and result["versions"]["transformers"] == "5.24.0"
     assert result["stages"]["golden"]["status"] == "pass"
 

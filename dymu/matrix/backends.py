@@ -29,6 +29,7 @@ class CellRun:
 
 class Backend(Protocol):
     name: str
+    results: Path  # where the runner's <cell>.json lands
 
     def unavailable(self) -> str | None:
         """None when this backend can run cells here, else a one-line reason and fix."""
@@ -55,6 +56,10 @@ class LocalBackend:
 
     root: Path
     name: str = "local"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "reports" / "cells"
 
     def unavailable(self) -> str | None:
         if shutil.which("uv") is None:
@@ -99,6 +104,10 @@ class DockerBackend:
 
     root: Path
     name: str = "docker"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "reports" / "docker" / "cells"
 
     def _client(self):
         import docker  # the Docker SDK; only this backend needs it
@@ -157,7 +166,7 @@ class DockerBackend:
         import docker
 
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        out = self.root / "reports" / "cells"
+        out = self.results
         out.mkdir(parents=True, exist_ok=True)
         uv_cache = Path(os.environ.get("UV_CACHE_DIR", Path.home() / ".cache" / "uv"))
         uv_cache.mkdir(parents=True, exist_ok=True)
@@ -178,6 +187,7 @@ class DockerBackend:
                 image, ["bash", "-c", container_script(name, cell)], detach=True, environment=env,
                 volumes=volumes, network_mode="host", device_requests=devices,
                 user=f"{os.getuid()}:{os.getgid()}", labels={"dymu.cell": name},
+                init=True,  # an init as PID 1: the runner must not be PID 1, which ignores a SIGKILL it sends itself
             )  # fmt: skip
             timed_out, code = False, None
             try:

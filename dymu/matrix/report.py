@@ -181,10 +181,12 @@ def render_html(rows: list[dict[str, Any]]) -> str:
 
 
 def build(reports: Path) -> dict[str, Any]:
-    """Read reports/cells/*.json and reports/gpu/cells/*.json; write the three report files."""
-    cells = load_cells(reports / "cells") + [
-        {**c, "where": c.get("where", "gpu")} for c in load_cells(reports / "gpu" / "cells")
-    ]
+    """Read reports/{cells,docker/cells,gpu/cells}/*.json; write the three report files."""
+    cells = (
+        load_cells(reports / "cells")
+        + [{**c, "backend": "docker"} for c in load_cells(reports / "docker" / "cells")]
+        + [{**c, "where": c.get("where", "gpu")} for c in load_cells(reports / "gpu" / "cells")]
+    )
     rows = [summarize(c) for c in cells]
     data = {"schema": 1, "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "summary": rows, "cells": cells}  # fmt: skip
