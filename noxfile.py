@@ -161,7 +161,6 @@ def matrix(session: nox.Session) -> None:
     code = _load_by_path("dymu_runner_digest", ROOT / "dymu" / "matrix" / "digest.py").code_digest(ROOT)
     outcome_rules = _load_by_path("dymu_outcome", ROOT / "dymu" / "matrix" / "outcome.py")
     known = outcome_rules.known_signatures(ROOT / "patches" / "fixes.toml")
-    (REPORTS / "logs").mkdir(parents=True, exist_ok=True)
     for name in members:
         expected = CELLS["cells"][name].get("expect", "pass")
         out = backend.results / f"{name}.json"
@@ -178,7 +177,7 @@ def matrix(session: nox.Session) -> None:
             f"cell {name}: torch {pins['torch']} + transformers {pins['transformers']} ({backend.name}) ..."
         )
         started = time.time()
-        log_path = REPORTS / "logs" / f"{name}.log"
+        log_path = backend.results.parent / "logs" / f"{name}.log"  # reports/logs, reports/docker/logs
         run = backend.run_cell(name, CELLS["cells"][name], log_path, timeout)
         timed_out, returncode = run.timed_out, run.returncode
         text = log_path.read_text(errors="replace")
