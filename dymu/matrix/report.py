@@ -145,7 +145,7 @@ def render_markdown(rows: list[dict[str, Any]]) -> str:
         lines += ["", "## Failures", ""]
         for r in failures:
             f = r["failure"]
-            lines.append(f"- **{r['cell']}**: {f.get('class')} ({'known' if f.get('known') else 'unknown'} "
+            lines.append(f"- **{r['cell']}** ({r['where']}): {f.get('class')} ({'known' if f.get('known') else 'unknown'} "
                          f"signature) `{f.get('signature', '')[:200]}`")  # fmt: skip
     return "\n".join(lines) + "\n"
 
