@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import DymuError
+from .expand_rope import fused_available, half_tables
 from .scatter import group_mean
 
 
@@ -135,17 +136,37 @@ def virtual_mask(decoder: nn.Module, valid: torch.Tensor, dtype: torch.dtype) ->
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def _layer(layer: nn.Module, x, cos, sin, mask, config, remerge: Remerger):
+@dataclass
+class Rope:
+    """RoPE tables at the virtual positions, in the form the expand path wants."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    fused: bool  # True: float32 (B*N, hd/2) halves for the Triton kernel; False: (B, N, 1, hd)
+
+
+def _to_virtual(x: torch.Tensor, remerge: Remerger, heads: int, hd: int, rope: Rope, with_rope: bool):
+    """(B, N_u, heads*hd) merged projections -> (B, heads, N, hd) at the virtual rows."""
+    x = x.view(x.shape[0], -1, heads, hd)
+    if rope.fused:
+        from .expand_rope import expand_rope
+
+        return expand_rope(x, remerge.flat, remerge.n, *((rope.cos, rope.sin) if with_rope else (None, None)))
+    x = remerge.expand(x)
+    if with_rope:
+        x = apply_rope(x, rope.cos, rope.sin)
+    return x.transpose(1, 2)
+
+
+def _layer(layer: nn.Module, x, rope: Rope, mask, config, remerge: Remerger):
     attn = layer.self_attn
     bsz = x.shape[0]
     heads, kv_heads, hd = config.num_attention_heads, config.num_key_value_heads, head_dim(config)
     h = layer.input_layernorm(x)
-    # projections on the N_u merged rows; then gather to the N virtual rows
-    q = remerge.expand(attn.q_proj(h).view(bsz, -1, heads, hd))
-    k = remerge.expand(attn.k_proj(h).view(bsz, -1, kv_heads, hd))
-    v = remerge.expand(attn.v_proj(h).view(bsz, -1, kv_heads, hd)).transpose(1, 2)
-    q = apply_rope(q, cos, sin).transpose(1, 2)
-    k = apply_rope(k, cos, sin).transpose(1, 2)
+    # projections on the N_u merged rows; then gather to the N virtual rows (+ RoPE there)
+    q = _to_virtual(attn.q_proj(h), remerge, heads, hd, rope, with_rope=True)
+    k = _to_virtual(attn.k_proj(h), remerge, kv_heads, hd, rope, with_rope=True)
+    v = _to_virtual(attn.v_proj(h), remerge, kv_heads, hd, rope, with_rope=False)
     rep = heads // kv_heads
     k_att = k.repeat_interleave(rep, dim=1) if rep > 1 else k
     v_att = v.repeat_interleave(rep, dim=1) if rep > 1 else v
@@ -179,13 +200,17 @@ def vtu_prefill(
     bsz, n = idx.shape
     if positions is None:
         positions = torch.arange(n, device=idx.device)[None].expand(bsz, n)
-    cos, sin = rope_cos_sin(positions, head_dim(config), rope_theta(config), merged_embeds.dtype)
     mask = None if valid is None else virtual_mask(decoder, valid, merged_embeds.dtype)
     x = merged_embeds
     remerge = Remerger(idx, merged_embeds.shape[1], merged_embeds.dtype, deterministic)
+    hd, theta = head_dim(config), rope_theta(config)
+    if fused_available(merged_embeds, hd):  # Triton: RoPE in float32 from float32 half tables
+        rope = Rope(*half_tables(*rope_cos_sin(positions, hd, theta, torch.float32)), fused=True)
+    else:
+        rope = Rope(*rope_cos_sin(positions, hd, theta, merged_embeds.dtype), fused=False)
     keys, values = [], []
     for layer in decoder.layers:
-        x, k, v = _layer(layer, x, cos, sin, mask, config, remerge)
+        x, k, v = _layer(layer, x, rope, mask, config, remerge)
         keys.append(k)
         values.append(v)
     return VtuOutput(decoder.norm(x), keys, values)

@@ -1,0 +1,80 @@
+"""VTU's full-length step as one Triton kernel on CUDA: gather each virtual row from its merged
+row, apply RoPE at the virtual position, and write head-major (B, H, N, hd) for SDPA and the
+cache. The torch path does the same in about six passes over the full-length tensor (gather,
+rotate-half cat, two products, a sum, a transpose copy); this does one read of the small
+merged tensor and one write. Off with DYMU_FUSED_ROPE=0; CPU always takes the torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def expand_rope(src, flat, cos, sin, out, n, heads, HD: tl.constexpr, HALF: tl.constexpr,
+                    BLOCK_H: tl.constexpr, ROPE: tl.constexpr):  # fmt: skip
+        row = tl.program_id(0)  # one virtual row (b, j) of B*N
+        b = row // n
+        j = row % n
+        merged = tl.load(flat + row).to(tl.int64)
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, HALF)[None, :]
+        keep = h < heads
+        base = src + merged * heads * HD + h * HD + d
+        x1 = tl.load(base, mask=keep).to(tl.float32)
+        x2 = tl.load(base + HALF, mask=keep).to(tl.float32)
+        if ROPE:  # HF rotate-half: out = x*cos + cat(-x2, x1)*sin, with cos/sin halves equal
+            c = tl.load(cos + row * HALF + d)
+            s = tl.load(sin + row * HALF + d)
+            x1, x2 = x1 * c - x2 * s, x2 * c + x1 * s
+        dest = out + ((b * heads + h) * n + j).to(tl.int64) * HD + d
+        tl.store(dest, x1.to(out.dtype.element_ty), mask=keep)
+        tl.store(dest + HALF, x2.to(out.dtype.element_ty), mask=keep)
+
+    return expand_rope
+
+
+def fused_available(x: torch.Tensor, head_dim: int) -> bool:
+    """Whether the Triton kernel may run for `x` (CUDA, Triton importable, a power-of-two half
+    head, not switched off)."""
+    half = head_dim // 2
+    if os.environ.get("DYMU_FUSED_ROPE", "1") == "0" or not x.is_cuda or half & (half - 1) or head_dim % 2:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def half_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, 1, hd) cos/sin -> contiguous float32 (B*N, hd/2): the halves are equal."""
+    half = cos.shape[-1] // 2
+    return (cos[..., 0, :half].float().contiguous().view(-1, half),
+            sin[..., 0, :half].float().contiguous().view(-1, half))  # fmt: skip
+
+
+def expand_rope(x: torch.Tensor, flat: torch.Tensor, n: int, cos_half: torch.Tensor | None,
+                sin_half: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """(B, N_u, H, hd) merged rows -> (B, H, N, hd) virtual rows, RoPE'd where tables are given.
+
+    `flat` (B*N,) indexes rows of x viewed as (B*N_u, H, hd), as `Remerger.flat` does.
+    """
+    bsz, _, heads, hd = x.shape
+    x = x.contiguous()
+    out = torch.empty(bsz, heads, n, hd, dtype=x.dtype, device=x.device)
+    rope = cos_half is not None
+    dummy = out if not rope else None
+    _kernel()[(bsz * n,)](
+        x, flat, cos_half if rope else dummy, sin_half if rope else dummy, out, n, heads,
+        HD=hd, HALF=hd // 2, BLOCK_H=max(1, 1 << (heads - 1).bit_length()), ROPE=rope,
+    )  # fmt: skip
+    return out

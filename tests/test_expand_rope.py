@@ -1,0 +1,50 @@
+"""The fused gather + RoPE Triton kernel equals the torch path. It runs in Triton's interpreter
+on CPU tensors (TRITON_INTERPRET=1, set before triton is imported, hence a subprocess), so
+the check runs in every cell that ships a recent Triton; the GPU cells run it compiled."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+CODE = textwrap.dedent(
+    """
+    import torch
+    from dymu.expand_rope import expand_rope, half_tables
+    from dymu.vtu import Remerger, apply_rope, rope_cos_sin
+    torch.manual_seed(0)
+    B, Nu, N, H, hd = 2, 5, 9, 3, 8  # 3 heads: the kernel's head block (4) must mask one
+    idx = torch.randint(0, Nu, (B, N))
+    x = torch.randn(B, Nu, H, hd)
+    positions = torch.arange(N)[None].expand(B, N) + torch.tensor([[3], [40]])
+    remerge = Remerger(idx, Nu, torch.float32)
+    cos, sin = rope_cos_sin(positions, hd, 10000.0, torch.float32)
+    want = apply_rope(remerge.expand(x), cos, sin).transpose(1, 2)
+    got = expand_rope(x, remerge.flat, N, *half_tables(cos, sin))
+    assert got.shape == want.shape == (B, H, N, hd) and got.is_contiguous()
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+    assert torch.equal(expand_rope(x, remerge.flat, N, None, None), remerge.expand(x).transpose(1, 2))
+    print("kernel ok")
+    """
+)
+
+
+def test_triton_kernel_matches_the_torch_path_in_the_interpreter() -> None:
+    triton = pytest.importorskip("triton")
+    if int(triton.__version__.split(".")[0]) < 3:
+        pytest.skip(f"triton {triton.__version__}: its interpreter cannot run this kernel on CPU tensors")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "kernel ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_cpu_tensors_take_the_torch_path() -> None:
+    import torch
+
+    from dymu.expand_rope import fused_available
+
+    assert not fused_available(torch.zeros(1), 128)
