@@ -99,6 +99,12 @@ def _num(value: Any, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
+def _md_table(head: list[str], rows: list[list[Any]]) -> list[str]:
+    """A GitHub markdown table."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]  # fmt: skip
+
+
 def full_size_markdown(rows: list[dict[str, Any]]) -> list[str]:
     """A table of the full-size GPU stages (random weights: checks and timing ratios only)."""
     runs = [r for r in rows if r["full_size"]]
@@ -107,22 +113,20 @@ def full_size_markdown(rows: list[dict[str, Any]]) -> list[str]:
     sizes = sorted({b for r in runs for b in r["full_size"]["ratios"]}, key=int)
     head = ["cell", "device", "identity fp32", "bf16 drift stock / dymu", "visual tokens",
             *(f"{what} x, bs {b}" for b in sizes for what in ("vision", "prefill"))]  # fmt: skip
-    lines = ["", "## Full-size stage (GPU cells)", "",
-             "LLaVA-1.5-7B architecture with RANDOM weights. `identity fp32`: worst relative error of the KV "
-             "cache, DyMU with merging off vs stock (gate 1e-3). `bf16 drift`: each path's bf16 KV cache vs the "
-             "float32 stock one (gate: DyMU <= 2x stock). Ratios are stock/DyMU time measured side by side "
-             "(> 1: DyMU faster).", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    rows_out = []
     for r in runs:
         f = r["full_size"]
         ratios = [
             _num(f["ratios"].get(b, {}).get(what), ".2f") for b in sizes for what in ("vision", "prefill")
         ]
-        lines.append("| " + " | ".join([
-            r["cell"], str(f["device"]), _num(f["identity_fp32"], ".1e"),
-            f"{_num(f['bf16_stock'], '.3f')} / {_num(f['bf16_dymu'], '.3f')}", str(f["visual_tokens"]), *ratios,
-        ]) + " |")  # fmt: skip
-    return lines
+        rows_out.append([r["cell"], f["device"], _num(f["identity_fp32"], ".1e"),
+                         f"{_num(f['bf16_stock'], '.3f')} / {_num(f['bf16_dymu'], '.3f')}", f["visual_tokens"],
+                         *ratios])  # fmt: skip
+    return ["", "## Full-size stage (GPU cells)", "",
+            "LLaVA-1.5-7B architecture with RANDOM weights. `identity fp32`: worst relative error of the KV "
+            "cache, DyMU with merging off vs stock (gate 1e-3). `bf16 drift`: each path's bf16 KV cache vs the "
+            "float32 stock one (gate: DyMU <= 2x stock). Ratios are stock/DyMU time measured side by side "
+            "(> 1: DyMU faster).", "", *_md_table(head, rows_out)]  # fmt: skip
 
 
 def render_markdown(rows: list[dict[str, Any]]) -> str:
@@ -131,14 +135,14 @@ def render_markdown(rows: list[dict[str, Any]]) -> str:
              "Fix verdicts: `fixed` = needed here, verify() held and the negative control failed as documented; "
              "`ok` = not needed here (version outside its range) and verify() held; `FAIL`; `n.a.` = not "
              "checkable here (a dependency missing). Stages: pass / fail / -. `stock/dymu` is the tiny-model "
-             "generate time ratio (random weights).", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+             "generate time ratio (random weights).", ""]  # fmt: skip
+    table = []
     for r in rows:
         status = r["status"] if r["as_expected"] else f"**{r['status']} (unexpected)**"
         ratio = f"{r['bench_ratio']:.2f}" if isinstance(r["bench_ratio"], (int, float)) else "-"
-        cells = [r["cell"], r["where"], r["torch"], r["transformers"], status, *r["stages"].values(), ratio,
-                 *r["fixes"].values()]  # fmt: skip
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        table.append([r["cell"], r["where"], r["torch"], r["transformers"], status, *r["stages"].values(), ratio,
+                      *r["fixes"].values()])  # fmt: skip
+    lines += _md_table(head, table)
     lines += full_size_markdown(rows)
     failures = [r for r in rows if r["failure"]]
     if failures:
