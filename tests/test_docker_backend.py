@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from dymu.matrix import backends, cells
+from dymu.matrix import backends, cells, outcome
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CELLS = cells.load(ROOT / "envs" / "cells.toml")
@@ -46,9 +46,47 @@ def _engine_and_base() -> str | None:
     return base
 
 
-@pytest.mark.skipif(
+NEEDS_ENGINE = pytest.mark.skipif(
     _engine_and_base() is None, reason="needs a Docker engine and DYMU_DOCKER_BASE (a local base)"
 )
+
+
+def _run(tmp_path, script: str, timeout: float, **options) -> tuple[backends.CellRun, str]:
+    import docker
+
+    log = tmp_path / "c.log"
+    with log.open("w") as f:
+        run = backends.DockerBackend(tmp_path).run_container(
+            _engine_and_base(), script, f, timeout, labels={"dymu.test": tmp_path.name}, **options
+        )
+    left = docker.from_env().containers.list(all=True, filters={"label": f"dymu.test={tmp_path.name}"})
+    assert not left, "the container must be removed"
+    return run, log.read_text()
+
+
+@NEEDS_ENGINE
+def test_a_hung_container_is_killed_at_the_timeout(tmp_path) -> None:
+    run, log = _run(tmp_path, "echo started; sleep 120", timeout=3)
+    assert run.timed_out and run.returncode is None and "started" in log
+    assert outcome.classify(run.returncode, log, run.timed_out)[0] == "timeout"
+
+
+@NEEDS_ENGINE
+def test_a_process_that_kills_itself_is_a_crash_not_ignored_as_pid_1(tmp_path) -> None:
+    run, log = _run(tmp_path, "echo before; kill -9 $$; echo after", timeout=60)
+    assert run.returncode == 137 and "after" not in log
+    assert outcome.classify(run.returncode, log, run.timed_out) == ("crash", "killed (SIGKILL)")
+
+
+@NEEDS_ENGINE
+def test_an_out_of_memory_kill_is_classified_as_oom(tmp_path) -> None:
+    run, log = _run(tmp_path, "head -c 400m /dev/zero | tail > /dev/null", timeout=120,
+                    mem_limit="64m", memswap_limit="64m")  # fmt: skip
+    assert "OOMKilled" in log, (run, log)
+    assert outcome.classify(run.returncode, log, run.timed_out)[0] == "oom"
+
+
+@NEEDS_ENGINE
 def test_a_real_cell_runs_in_a_container(tmp_path) -> None:
     """The `latest` cell end to end in a container: image build, uv install, runner, JSON out."""
     root = tmp_path / "repo"  # a copy: the container mounts it, so host symlinks would dangle

@@ -161,8 +161,6 @@ class DockerBackend:
         return "nvidia" in (self._client().info().get("Runtimes") or {})
 
     def run_cell(self, name: str, cell: dict[str, Any], log_path: Path, timeout: float) -> CellRun:
-        import requests
-
         import docker
 
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,23 +181,32 @@ class DockerBackend:
             volumes = {str(self.root): {"bind": "/src", "mode": "ro"}, str(out): {"bind": "/out", "mode": "rw"},
                        str(uv_cache): {"bind": "/uv-cache", "mode": "rw"}}  # fmt: skip
             devices = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if self.gpus() else []
-            container = self._client().containers.run(
-                image, ["bash", "-c", container_script(name, cell)], detach=True, environment=env,
-                volumes=volumes, network_mode="host", device_requests=devices,
-                user=f"{os.getuid()}:{os.getgid()}", labels={"dymu.cell": name},
-                init=True,  # an init as PID 1: the runner must not be PID 1, which ignores a SIGKILL it sends itself
-            )  # fmt: skip
-            timed_out, code = False, None
-            try:
-                code = container.wait(timeout=timeout)["StatusCode"]
-            except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-                timed_out = True
-                container.kill()
-            log.write(container.logs().decode(errors="replace"))
-            container.reload()
-            if container.attrs.get("State", {}).get("OOMKilled"):
-                log.write("\nOOMKilled: the container ran out of memory (Cannot allocate memory)\n")
-            container.remove(force=True)
+            run = self.run_container(image, container_script(name, cell), log, timeout, environment=env,
+                                     volumes=volumes, device_requests=devices, labels={"dymu.cell": name})  # fmt: skip
+        return run
+
+    def run_container(self, image: str, script: str, log, timeout: float, **options: Any) -> CellRun:
+        """Run `script` under bash in a fresh container; its output goes to `log`. A timeout kills
+        it; an OOM kill is written to the log in the words `classify` looks for; it is removed."""
+        import requests
+
+        container = self._client().containers.run(
+            image, ["bash", "-c", script], detach=True, network_mode="host",
+            user=f"{os.getuid()}:{os.getgid()}",
+            init=True,  # an init as PID 1: the runner must not be PID 1, which ignores a SIGKILL it sends itself
+            **options,
+        )  # fmt: skip
+        timed_out, code = False, None
+        try:
+            code = container.wait(timeout=timeout)["StatusCode"]
+        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+            timed_out = True
+            container.kill()
+        log.write(container.logs().decode(errors="replace"))
+        container.reload()
+        if container.attrs.get("State", {}).get("OOMKilled"):
+            log.write("\nOOMKilled: the container ran out of memory (Cannot allocate memory)\n")
+        container.remove(force=True)
         return CellRun(code, timed_out)
 
 
