@@ -31,3 +31,25 @@ def calibrated(tiny_checkpoints, images):
 
     tower, processor = load_vision_tower(tiny_checkpoints["clip"])
     return dymu.calibrate(tower, images, target_tokens=16, batch_size=8, processor=processor, progress=False)
+
+
+@pytest.fixture
+def load_unmerged():
+    """`dymu.load(path)` with merging off; where this stack refuses `.bin` weights, check that
+    refusal names the fix and return None instead."""
+    import math
+
+    import torch
+
+    import dymu
+    from dymu.checkpoints import bin_blocked
+    from dymu.errors import DymuError
+
+    def load(path, serialization: str):
+        if serialization == "bin" and bin_blocked():
+            with pytest.raises(DymuError, match=r"only \.bin weights.*dymu convert"):
+                dymu.load(path)
+            return None
+        return dymu.load(path, thresholds=torch.full((4,), math.inf))
+
+    return load

@@ -39,9 +39,11 @@ def _engine_and_base() -> str | None:
         return None
     try:
         import docker
-
+    except ImportError:
+        return None
+    try:
         docker.from_env().images.get(base)
-    except Exception:
+    except docker.errors.DockerException:  # no engine reachable, or no such image there
         return None
     return base
 
