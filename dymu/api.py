@@ -10,17 +10,20 @@ from typing import Any
 import torch
 from PIL import Image
 
+from . import families
+from .checkpoints import check_weights
 from .errors import DymuError
+from .families import Family, LlavaParts, split_at_image
 from .generation import PreparedBatch, generate_prepared, prepare
-from .images import load_image, mean_fill, pad_to_square
-from .llava import LlavaParts, find_parts
+from .images import preprocess
+from .options import DEFAULT, Options
 from .thresholds import load_thresholds
-from .vision_loading import read_config
 
 SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
+ImageInput = Image.Image | str | Path
 
 
 def format_prompt(question: str) -> str:
@@ -40,47 +43,40 @@ class Answer:
 class DymuLlava:
     """A LLaVA-1.5 model of either family with DyMU applied; `generate` takes prompts and images."""
 
-    def __init__(self, parts: LlavaParts, tokenizer: Any, image_processor: Any, thresholds, vtu: str):
+    def __init__(self, family: Family, parts: LlavaParts, tokenizer: Any, image_processor: Any,
+                 thresholds: torch.Tensor | None, vtu: str, options: Options = DEFAULT) -> None:  # fmt: skip
+        self.family_impl = family
         self.parts = parts
         self.model = parts.model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.thresholds = thresholds
         self.vtu = vtu
+        self.options = options
 
     @property
     def family(self) -> str:
-        return self.parts.family
+        return self.family_impl.name
 
     def tokenize(self, prompt: str) -> list[int]:
         """Prompt ids with the IMAGE placeholder, tokenized as the family's own code does."""
-        if self.parts.family == "hf":
-            from .hf_llava import tokenize
+        ids = self.family_impl.tokenize(self.tokenizer, prompt, self.parts)
+        split_at_image(ids)  # exactly one <image>, followed by text
+        return ids
 
-            return tokenize(self.tokenizer, prompt, self.parts.image_token_id)
-        from .legacy_llava import tokenize
-
-        return tokenize(self.tokenizer, prompt)
-
-    def pixel_values(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
+    def pixel_values(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """The family's own preprocessing: llava-hf resizes/crops, liuhaotian pads to square first."""
-        pil = [img if isinstance(img, Image.Image) else load_image(img) for img in images]
-        fill = mean_fill(self.image_processor)
-        pil = [
-            pad_to_square(img.convert("RGB"), fill) if self.parts.pad_image else img.convert("RGB")
-            for img in pil
-        ]
-        return self.image_processor(images=pil, return_tensors="pt")["pixel_values"]
+        return preprocess(images, self.image_processor, pad=self.parts.pad_image)
 
-    def prepare(self, prompts: Sequence[str], images: Sequence[Image.Image | str | Path]) -> PreparedBatch:
+    def prepare(self, prompts: Sequence[str], images: Sequence[ImageInput]) -> PreparedBatch:
         """DyMU prefill of a batch (one image per prompt) into a cache, ready for `generate`."""
         ids = [self.tokenize(p) for p in prompts]
-        return prepare(self.parts, ids, self.pixel_values(images), self.thresholds, self.vtu)
+        return prepare(self.parts, ids, self.pixel_values(images), self.thresholds, self.vtu, self.options)
 
     def generate(
         self,
         prompts: str | Sequence[str],
-        images: Image.Image | str | Path | Sequence[Image.Image | str | Path],
+        images: ImageInput | Sequence[ImageInput],
         max_new_tokens: int = 32,
         **kwargs: Any,
     ) -> list[Answer]:
@@ -97,7 +93,7 @@ class DymuLlava:
         return answers
 
 
-def _thresholds(thresholds, parts: LlavaParts) -> torch.Tensor | None:
+def _thresholds(thresholds: torch.Tensor | str | Path | None, parts: LlavaParts) -> torch.Tensor | None:
     layers = parts.vision.config.num_hidden_layers
     if thresholds is None:
         return None
@@ -109,29 +105,22 @@ def _thresholds(thresholds, parts: LlavaParts) -> torch.Tensor | None:
     return tau
 
 
+def _build(family: Family, model: torch.nn.Module, thresholds, vtu: str, tokenizer: Any, image_processor: Any,
+           options: Options) -> DymuLlava:  # fmt: skip
+    parts = family.parts(model)
+    return DymuLlava(family, parts, tokenizer, image_processor, _thresholds(thresholds, parts), vtu, options)
+
+
 def apply(
     model: torch.nn.Module,
     thresholds: torch.Tensor | str | Path | None,
     vtu: str = "fast",
     tokenizer: Any = None,
     image_processor: Any = None,
+    options: Options = DEFAULT,
 ) -> DymuLlava:
     """DyMU on an already-loaded LLaVA-1.5 model of either family (`thresholds=None`: stock)."""
-    parts = find_parts(model)
-    return DymuLlava(parts, tokenizer, image_processor, _thresholds(thresholds, parts), vtu)
-
-
-def detect_family(model_path: str | Path) -> str:
-    """'hf' for llava-hf checkpoints, 'legacy' for liuhaotian ones, from config.json alone."""
-    cfg = read_config(model_path)
-    if "mm_vision_tower" in cfg or cfg.get("model_type") == "llava_llama":
-        return "legacy"
-    if cfg.get("model_type") == "llava":
-        return "hf"
-    raise DymuError(
-        f"{model_path}: unsupported model_type {cfg.get('model_type')!r}; "
-        "expected a llava-hf ('llava') or liuhaotian ('llava_llama') LLaVA-1.5 checkpoint"
-    )
+    return _build(families.of_model(model), model, thresholds, vtu, tokenizer, image_processor, options)
 
 
 def load(
@@ -141,20 +130,10 @@ def load(
     family: str = "auto",
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    options: Options = DEFAULT,
 ) -> DymuLlava:
     """Load a LLaVA-1.5 checkpoint of either family and apply DyMU in one call."""
-    from .checkpoints import check_weights
-
-    family = detect_family(model_path) if family == "auto" else family
+    chosen = families.detect(model_path) if family == "auto" else families.get(family)
     check_weights(model_path)
-    if family == "hf":
-        from .hf_llava import load_hf
-
-        model, tokenizer, image_processor = load_hf(model_path, dtype, device)
-    elif family == "legacy":
-        from .legacy_llava import load_legacy
-
-        model, tokenizer, image_processor = load_legacy(model_path, dtype, device)
-    else:
-        raise DymuError(f"family={family!r} is not one of auto, hf, legacy")
-    return apply(model, thresholds, vtu, tokenizer, image_processor)
+    model, tokenizer, image_processor = chosen.load(Path(model_path), dtype, device)
+    return _build(chosen, model, thresholds, vtu, tokenizer, image_processor, options)

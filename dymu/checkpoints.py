@@ -13,8 +13,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from packaging.version import Version
+from safetensors.torch import save_file
 
+from .compat.shims import bin_blocked, safe_load
 from .errors import DymuError
 from .versions import installed
 
@@ -32,12 +33,6 @@ def weight_format(path: str | Path) -> str:
     raise DymuError(
         f"{path}: no model weights (model.safetensors or pytorch_model.bin); is this the right directory?"
     )
-
-
-def bin_blocked() -> bool:
-    """True on stacks where transformers refuses `.bin` weights (>= 4.52 with torch < 2.6)."""
-    tf, th = installed("transformers"), installed("torch")
-    return bool(tf and th and tf.release >= Version("4.52").release and th.release < Version("2.6").release)
 
 
 def check_weights(path: str | Path) -> str:
@@ -61,8 +56,6 @@ def _bin_files(path: Path) -> list[Path]:
 
 def convert_to_safetensors(src: str | Path, dst: str | Path) -> Path:
     """Copy a checkpoint directory, rewriting `.bin` weights as one `model.safetensors`."""
-    from safetensors.torch import save_file
-
     src, dst = Path(src), Path(dst)
     if weight_format(src) != "bin":
         raise DymuError(f"{src}: already has safetensors weights; nothing to convert")
@@ -71,7 +64,7 @@ def convert_to_safetensors(src: str | Path, dst: str | Path) -> Path:
     state: dict[str, torch.Tensor] = {}
     for shard in _bin_files(src):
         try:
-            part = torch.load(shard, map_location="cpu", weights_only=True)
+            part = safe_load(shard, map_location="cpu")
         except Exception as err:
             raise DymuError(
                 f"{shard}: cannot be read as plain tensors ({type(err).__name__}); refusing it"

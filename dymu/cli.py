@@ -10,13 +10,30 @@ import platform
 import sys
 from pathlib import Path
 
+import torch
+
+from .api import format_prompt, load
+from .bench import tower as tower_bench
+from .blocks import layers_to_run
+from .calibration import calibrate, merge_schedule
+from .checkpoints import convert_to_safetensors
+from .compat.checks import check_all
 from .errors import DymuError
+from .families import read_config
+from .images import list_images, load_image, preprocess
+from .matrix import report
+from .options import Options
+from .testing.sample_images import make_sample_images
+from .testing.tiny import ensure_tiny_checkpoints
+from .thresholds import load_thresholds, save_thresholds
+from .tower import encode_images
+from .versions import installed
+from .vision_loading import load_vision_tower
 
 EXIT_USAGE = 2
 
 
 def _dtype(name: str):
-    import torch
 
     value = getattr(torch, name, None)
     if not isinstance(value, torch.dtype):
@@ -39,16 +56,8 @@ def _fingerprint(items: list) -> str:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Calibrate per-layer thresholds on an image folder (default: the tiny model and sample images)."""
-    import torch
-
-    from . import calibrate, encode_images, save_thresholds
-    from .images import list_images, preprocess
-    from .vision_loading import load_vision_tower
 
     if args.model is None:
-        from .sample_images import make_sample_images
-        from .tiny import ensure_tiny_checkpoints
-
         model_path = ensure_tiny_checkpoints()["clip"]
         target = args.target_tokens or 16
         images: list = list_images(args.images) if args.images else make_sample_images(32, seed=0)
@@ -80,8 +89,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         )
         tokens.append(encode_images(tower, pixels, thresholds, args.feature_layer).num_tokens.cpu())
     counts = torch.cat(tokens).float()
-    from .calibrate import merge_schedule
-    from .tower import layers_to_run
 
     n_layers = len(thresholds)
     n_run = layers_to_run(n_layers, args.feature_layer)
@@ -121,30 +128,40 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """The `dymu.Options` switches as flags (every fast path can be switched off)."""
+    group = parser.add_argument_group("fast paths (dymu.Options)")
+    group.add_argument(
+        "--no-fused-rope", action="store_true", help="VTU gather + RoPE with torch ops, not Triton"
+    )
+    group.add_argument("--no-cuda-graphs", action="store_true", help="run the DToMe tower eagerly on CUDA")
+    group.add_argument(
+        "--graph-segment", type=int, default=Options.graph_segment, help="tower blocks per CUDA graph"
+    )
+    group.add_argument(
+        "--deterministic-remerge", action="store_true", help="VTU remerge by matmul (no atomics)"
+    )
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    return Options(fused_rope=not args.no_fused_rope, cuda_graphs=not args.no_cuda_graphs,
+                   graph_segment=args.graph_segment, deterministic_remerge=args.deterministic_remerge)  # fmt: skip
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     """Answer a prompt about one or more images with DyMU-LLaVA (default: the tiny model)."""
-    from .api import format_prompt, load
-    from .images import load_image
-    from .thresholds import load_thresholds
-    from .vision_loading import read_config
 
     if args.model_path is not None:
         read_config(args.model_path)  # fail on a bad model path before touching the images
     images = [load_image(p) for p in args.image] if args.image else None
     thresholds = load_thresholds(args.thresholds) if args.thresholds else None  # fail before loading a model
     if args.model_path is None:
-        from .sample_images import make_sample_images
-        from .tiny import ensure_tiny_checkpoints
-
         paths = ensure_tiny_checkpoints()
         model_path = paths[
             "llava-hf-tiny-safetensors" if args.family != "legacy" else "llava-v1.5-tiny-safetensors"
         ]
         images = images or make_sample_images(3)
         if thresholds is None and not args.stock:
-            from . import calibrate
-            from .vision_loading import load_vision_tower
-
             tower, processor = load_vision_tower(paths["clip"])
             thresholds = calibrate(tower, make_sample_images(16, seed=1), 16, 16, processor, progress=False)
         note = "embedded tiny LLaVA-1.5 (random weights: answers are noise, the plumbing is real)"
@@ -156,7 +173,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if args.stock:
         thresholds = None
     model = load(model_path, thresholds=thresholds, vtu=args.vtu, family=args.family,
-                 dtype=_dtype(args.dtype), device=args.device)  # fmt: skip
+                 dtype=_dtype(args.dtype), device=args.device, options=options_from(args))  # fmt: skip
     prompt = args.prompt if args.raw_prompt else format_prompt(args.prompt)
     answers = model.generate([prompt] * len(images), images, max_new_tokens=args.max_new_tokens)
     names = args.image or [f"sample-{i}" for i in range(len(images))]
@@ -178,22 +195,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Print the installed stack, the patch set it selects, and each fix's verify() result."""
-    from .compat import all_fixes, check
-    from .versions import installed
-
     packages = ["torch", "transformers", "tokenizers", "safetensors", "huggingface-hub", "accelerate",
                 "numpy", "pillow", "llava-torch"]  # fmt: skip
     info: dict = {
         "python": platform.python_version(),
         **{p: str(installed(p) or "not installed") for p in packages},
     }
-    try:
-        import torch
-
-        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available"
-    except ImportError as err:
-        info["cuda"] = f"torch import failed: {err}"
-    fixes = [check(fix, negative=args.negative) for fix in all_fixes().values()]
+    info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available"
+    fixes = check_all(negative=args.negative)
     info["patch_set"] = [f["fix"] for f in fixes if f["needed"] == "yes"]
     info["fixes"] = fixes
     if args.json:
@@ -214,7 +223,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Copy a .bin checkpoint directory with its weights rewritten as safetensors."""
-    from .checkpoints import convert_to_safetensors
 
     print(f"wrote {convert_to_safetensors(args.src, args.dst)}")
     return 0
@@ -222,16 +230,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_matrix(args: argparse.Namespace) -> int:
     """Re-render reports/matrix.{json,md,html} from the cell results (`dymu matrix report`)."""
-    from .matrix import report
 
     return report.main([str(args.reports)])
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmarks; `tower` times stock CLIP against the DToMe tower."""
-    from .bench import tower
-
-    return tower.main(args.rest)
+    return tower_bench.main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--device", default="cpu")
     inf.add_argument("--dtype", default="float32")
     inf.add_argument("--json", action="store_true")
+    add_option_flags(inf)
     inf.set_defaults(func=cmd_infer)
 
     doc = sub.add_parser("doctor", help=cmd_doctor.__doc__)

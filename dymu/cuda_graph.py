@@ -2,7 +2,7 @@
 
 Eager DToMe is launch-bound on a GPU: each merge step is dozens of small kernels, and
 the CPU cannot issue them as fast as the GPU runs them. The static-shape blocks
-(`run_blocks(static=True)`) never sync with the host, so a run of `SEGMENT` blocks is
+(`run_blocks(static=True)`) never sync with the host, so a run of `segment` blocks is
 captured once and replayed with one launch. Between segments the host reads the
 longest row once and trims the padding to a multiple of `BUCKET`, so later blocks run
 on fewer token slots. Graphs are cached per (tower, segment, shapes, thresholds) and
@@ -12,7 +12,6 @@ share one memory pool; they are always replayed one after another on one stream.
 from __future__ import annotations
 
 import itertools
-import os
 import warnings
 import weakref
 from collections import OrderedDict
@@ -21,11 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .tower import MergeRule, TokenState, embed, run_blocks
+from .blocks import MergeRule, TokenState, embed, run_blocks
 
-SEGMENT = int(
-    os.environ.get("DYMU_GRAPH_SEGMENT", "4")
-)  # blocks per graph: fewer = more trimming, more syncs
 BUCKET = 32  # token slots are trimmed to a multiple of this, bounding the number of graphs
 _MAX_GRAPHS_PER_TOWER = 96
 
@@ -99,10 +95,12 @@ def graphed_forward(
     may_merge: list[bool],
     n_run: int,
     key: tuple,
+    segment: int = 4,
 ) -> TokenState | None:
-    """The first `n_run` blocks as replayed graph segments; None if capture is not possible."""
+    """The first `n_run` blocks as replayed graph segments of `segment` blocks; None if capture
+    is not possible (off-GPU the same segments run eagerly)."""
     graphs = _towers.setdefault(vt, _TowerGraphs())
-    bounds = [*range(0, n_run, SEGMENT), n_run]
+    bounds = [*range(0, n_run, segment), n_run]
     state: TokenState | None = None
     for start, stop in itertools.pairwise(bounds):
         uniform_in = not any(may_merge[:start])

@@ -2,21 +2,20 @@
 row, apply RoPE at the virtual position, and write head-major (B, H, N, hd) for SDPA and the
 cache. The torch path does the same in about six passes over the full-length tensor (gather,
 rotate-half cat, two products, a sum, a transpose copy); this does one read of the small
-merged tensor and one write. Off with DYMU_FUSED_ROPE=0; CPU always takes the torch path.
+merged tensor and one write. Off with `Options(fused_rope=False)`; CPU always takes the torch path.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 
 @functools.cache
 def _kernel():
-    import triton
-    import triton.language as tl
+    import triton  # noqa: PLC0415 - optional dependency
+    import triton.language as tl  # noqa: PLC0415 - optional dependency
 
     @triton.jit
     def expand_rope(src, flat, cos, sin, out, n, heads, HD: tl.constexpr, HALF: tl.constexpr,
@@ -43,23 +42,15 @@ def _kernel():
 
 
 def fused_available(x: torch.Tensor, head_dim: int) -> bool:
-    """Whether the Triton kernel may run for `x` (CUDA, Triton importable, a power-of-two half
-    head, not switched off)."""
+    """Whether the Triton kernel can run for `x` (CUDA, Triton importable, a power-of-two half head)."""
     half = head_dim // 2
-    if os.environ.get("DYMU_FUSED_ROPE", "1") == "0" or not x.is_cuda or half & (half - 1) or head_dim % 2:
+    if not x.is_cuda or half & (half - 1) or head_dim % 2:
         return False
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401, PLC0415
     except ImportError:
         return False
     return True
-
-
-def half_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N, 1, hd) cos/sin -> contiguous float32 (B*N, hd/2): the halves are equal."""
-    half = cos.shape[-1] // 2
-    return (cos[..., 0, :half].float().contiguous().view(-1, half),
-            sin[..., 0, :half].float().contiguous().view(-1, half))  # fmt: skip
 
 
 def expand_rope(x: torch.Tensor, flat: torch.Tensor, n: int, cos_half: torch.Tensor | None,

@@ -17,11 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import GenerationMixin
 
+from .compat.shims import cache_keyword, causal_mask, new_cache, rope_theta
 from .errors import DymuError
-from .llava import IMAGE, LlavaParts
+from .families import LlavaParts, split_at_image
+from .options import DEFAULT, Options
 from .tower import TowerOutput, encode_images
-from .vtu import vtu_prefill
+from .vtu import additive_mask, vtu_prefill
 
 VTU_MODES = ("fast", "none")
 
@@ -37,38 +40,13 @@ class PreparedBatch:
     tower: TowerOutput
 
 
-def _split(ids: list[int]) -> tuple[list[int], list[int]]:
-    if ids.count(IMAGE) != 1:
-        raise DymuError(f"a prompt needs exactly one <image> placeholder, found {ids.count(IMAGE)}")
-    k = ids.index(IMAGE)
-    before, after = ids[:k], ids[k + 1 :]
-    if not after:
-        raise DymuError("the prompt must end with text after <image> (e.g. '... ASSISTANT:')")
-    return before, after
-
-
-def new_cache(model: torch.nn.Module, keys: list[torch.Tensor], values: list[torch.Tensor]) -> Any:
-    """The installed transformers' cache for `model`, holding per-layer (B, H_kv, N, d) tensors.
-
-    A `DynamicCache` where the model takes Cache objects; the legacy tuple-of-tuples where it
-    does not (e.g. `LlavaForConditionalGeneration` before transformers 4.38, whose
-    `_supports_cache_class` is False). Remove the tuple branch when 4.37 leaves the matrix.
-    """
-    if not getattr(model, "_supports_cache_class", True):
-        return tuple(zip(keys, values, strict=True))
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-        cache.update(k, v, layer)
-    return cache
-
-
-def cache_length(cache: Any) -> int:
-    """Tokens held by a cache of either flavour."""
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    return int(cache[0][0].shape[-2])
+def virtual_mask(decoder: torch.nn.Module, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, N, N) additive prefill mask over the virtual sequence: the decoder's own causal +
+    padding mask from this transformers' masking API (DYMU_SPEC step 4), so VTU attends as
+    stock LLaVA does."""
+    bsz, n = valid.shape
+    probe = torch.zeros(1, 1, decoder.config.hidden_size, dtype=dtype, device=valid.device).expand(bsz, n, -1)
+    return additive_mask(causal_mask(decoder, probe, valid.long()).to(valid.device), dtype)
 
 
 @torch.no_grad()
@@ -78,6 +56,7 @@ def prepare(
     pixel_values: torch.Tensor,
     thresholds: torch.Tensor | None,
     vtu: str = "fast",
+    options: Options = DEFAULT,
 ) -> PreparedBatch:
     """Run the DyMU prefill for a batch of prompts (one image each) and fill the cache."""
     if vtu not in VTU_MODES:
@@ -87,15 +66,14 @@ def prepare(
     device = parts.decoder.embed_tokens.weight.device
     dtype = parts.decoder.embed_tokens.weight.dtype
     vision_dtype = next(parts.vision.parameters()).dtype
-    tower = encode_images(
-        parts.vision, pixel_values.to(device, vision_dtype), thresholds, parts.feature_layer
-    )
+    tower = encode_images(parts.vision, pixel_values.to(device, vision_dtype), thresholds, parts.feature_layer,
+                          options)  # fmt: skip
     projected = parts.projector(tower.padded.to(dtype))
     patches = tower.mapping[0].numel()
 
     merged_rows, idx_rows, virtual_ids = [], [], []
     for i, ids in enumerate(prompt_ids):
-        before, after = _split(ids)
+        before, after = split_at_image(ids)
         n_m = int(tower.num_tokens[i])
         image_idx = tower.mapping[i].to(device) if vtu == "fast" else torch.arange(n_m, device=device)
         text = torch.tensor(before + after, device=device)
@@ -130,28 +108,22 @@ def prepare(
         ids_out[b, width_v - n_v :] = torch.tensor(virtual_ids[b], device=device)
     valid = mask[:, :-1].bool()
     positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, :-1]
-    out = vtu_prefill(parts.decoder, merged, idx, positions, None if bool(valid.all()) else valid)
+    attn_mask = None if bool(valid.all()) else virtual_mask(parts.decoder, valid, dtype)
+    out = vtu_prefill(
+        parts.decoder, merged, idx, rope_theta(parts.decoder.config), positions, attn_mask, options
+    )
     visual = [int(n) for n in tower.num_tokens]
     return PreparedBatch(new_cache(parts.model, out.keys, out.values), ids_out, mask, visual, tower)
-
-
-def cache_kwarg() -> str:
-    """The generate/forward keyword for the cache: `cache` from transformers 5.24, else `past_key_values`."""
-    from .versions import transformers_at_least
-
-    return "cache" if transformers_at_least("5.24") else "past_key_values"
 
 
 @torch.no_grad()
 def generate_prepared(parts: LlavaParts, batch: PreparedBatch, max_new_tokens: int, **kwargs: Any):
     """Greedy decode (fixed length) from a prepared batch with the model's own generate."""
-    from transformers import GenerationMixin
-
     eos = kwargs.pop("eos_token_id", None)
     gen_kwargs = {
         "input_ids": batch.virtual_ids,
         "attention_mask": batch.attention_mask,
-        cache_kwarg(): batch.cache,
+        cache_keyword(): batch.cache,
         "max_new_tokens": max_new_tokens,
         "do_sample": False,
         "return_dict_in_generate": True,

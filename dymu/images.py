@@ -13,6 +13,9 @@ from PIL import Image, UnidentifiedImageError
 from .errors import DymuError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# OpenAI CLIP normalisation (openai/clip-vit-large-patch14(-336)'s preprocessor_config.json)
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -54,7 +57,7 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
 
 def mean_fill(processor: Any) -> tuple[int, int, int]:
     """The processor's normalisation mean as an 8-bit RGB colour (what LLaVA pads with)."""
-    mean = getattr(processor, "image_mean", None) or [0.48145466, 0.4578275, 0.40821073]
+    mean = getattr(processor, "image_mean", None) or CLIP_MEAN
     return tuple(int(m * 255) for m in mean)  # type: ignore[return-value]
 
 

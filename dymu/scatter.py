@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["group_count", "group_mean", "group_sum"]
+__all__ = ["assignment", "group_count", "group_mean", "group_sum"]
 
 
 def _check_index(src: torch.Tensor, index: torch.Tensor, dim: int) -> int:
@@ -67,3 +67,11 @@ def group_mean(
     view = [1] * src.dim()
     view[dim] = num_groups
     return summed / counts.view(view).to(summed.dtype)
+
+
+def assignment(index: torch.Tensor, num_groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """Batched 0/1 assignment (B, G, N) for a (B, N) group index: `bmm(assignment, y)` sums each
+    group's rows in a fixed reduction order (the deterministic remerge)."""
+    bsz, n = index.shape
+    out = torch.zeros(bsz, num_groups, n, dtype=dtype, device=index.device)
+    return out.scatter_(1, index[:, None, :], 1.0)

@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from .atomic import write_atomic, write_text_atomic
 from .errors import DymuError
@@ -52,9 +54,6 @@ def _from_official(path: Path) -> torch.Tensor:
 
 
 def _from_safetensors(path: Path) -> torch.Tensor:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
@@ -119,15 +118,11 @@ def save_thresholds(path: str | Path, thresholds: torch.Tensor, **metadata: obje
             raise DymuError(f"{path}: JSON cannot hold infinite thresholds; save as .safetensors instead")
         return write_text_atomic(path, json.dumps({"thresholds": values, **metadata}, indent=2) + "\n")
 
-    from safetensors.torch import save_file
-
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     return write_atomic(path, lambda tmp: save_file({"thresholds": tau}, str(tmp), metadata=meta))
 
 
 def threshold_metadata(path: str | Path) -> dict[str, str]:
     """The metadata stored in one of our safetensors thresholds files."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})

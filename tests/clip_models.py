@@ -1,25 +1,12 @@
-"""CLIP towers and pixel batches for the DToMe tests (no downloads)."""
+"""CLIP towers (from dymu.testing.builders) and pixel batches for the DToMe tests (no downloads)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPVisionModel
 
-
-def clip_from_config(image_size: int, layers: int, hidden: int, heads: int, seed: int = 0) -> CLIPVisionModel:
-    """A randomly initialised CLIP vision tower (seeded), in eval mode, float32."""
-    torch.manual_seed(seed)
-    cfg = CLIPVisionConfig(
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        image_size=image_size,
-        patch_size=14,
-        hidden_act="quick_gelu",
-    )
-    return CLIPVisionModel(cfg).eval()
+from dymu.testing.builders import clip_from_config
 
 
 def vitl_geometry_clip() -> CLIPVisionModel:

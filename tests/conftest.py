@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny LLaVA-1.5 fixture in both formats, built once per test session (dir name -> path)."""
-    from dymu.tiny import build_tiny_checkpoints
+    from dymu.testing.tiny import build_tiny_checkpoints
 
     return build_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
 
@@ -18,7 +18,7 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 @pytest.fixture(scope="session")
 def images():
     """Eight structured sample images (flat regions, textures, two non-square)."""
-    from dymu.sample_images import make_sample_images
+    from dymu.testing.sample_images import make_sample_images
 
     return make_sample_images(8)
 
@@ -42,7 +42,7 @@ def load_unmerged():
     import torch
 
     import dymu
-    from dymu.checkpoints import bin_blocked
+    from dymu.compat.shims import bin_blocked
     from dymu.errors import DymuError
 
     def load(path, serialization: str):

@@ -8,7 +8,7 @@ from clip_models import blocky_pixels, vitl_geometry_clip
 
 import dymu
 from dymu import DymuError
-from dymu.calibrate import merge_schedule
+from dymu.calibration import merge_schedule
 
 
 def test_schedule_spreads_merges_over_the_blocks_that_run() -> None:
@@ -44,7 +44,7 @@ def test_calibration_is_repeatable() -> None:
 def test_calibrate_from_pil_images_uses_the_processor(tiny_checkpoints) -> None:
     from transformers import CLIPImageProcessor, CLIPVisionModel
 
-    from dymu.sample_images import make_sample_images
+    from dymu.testing.sample_images import make_sample_images
 
     model = CLIPVisionModel.from_pretrained(str(tiny_checkpoints["clip"])).eval()
     processor = CLIPImageProcessor.from_pretrained(str(tiny_checkpoints["clip"]))

@@ -55,7 +55,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, tiny_checkpoints, ca
     dirs = _bad_dirs(tmp_path)
     good_model = str(tiny_checkpoints["llava-hf-tiny-safetensors"])
     good_image = str(tmp_path / "ok.png")
-    from dymu.sample_images import make_sample_images
+    from dymu.testing.sample_images import make_sample_images
 
     make_sample_images(1)[0].save(good_image)
     model = {"missing": str(tmp_path / "nope"), "image": good_model}.get(case, str(dirs.get(case, "")))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 
 import pytest
@@ -14,15 +15,19 @@ import pytest
 from dymu.matrix import backends, cells, outcome
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CELLS = cells.load(ROOT / "envs" / "cells.toml")
+CELLS = cells.load()
 
 
 def test_container_script_installs_the_cells_pins_and_runs_the_runner() -> None:
     script = backends.container_script("reference", CELLS["cells"]["reference"])
-    assert "uv pip install -q torch==2.1.2 transformers==4.37.2 'numpy<2'" in script
+    assert "uv pip install -q torch==2.1.2 transformers==4.37.2 sentencepiece protobuf 'numpy<2'" in script
     assert "uv pip install -q --no-deps llava-torch==1.2.2.post1" in script
     assert "--python python3.11" in script and script.startswith("set -euo pipefail")
-    assert script.rstrip().endswith("python -m dymu.matrix.runner --cell reference --out /out/reference.json")
+    assert script.rstrip().endswith(
+        "python -m dymu.matrix.runner --cell reference --out /out/reference.json --backend docker"
+    )
+    broken = backends.container_script("seed-no-mask", CELLS["cells"]["seed-no-mask"])
+    assert "--python python3.10" in broken and broken.rstrip().endswith("--disable-fixes causal-mask")
     assert "-e /tmp/work" in script  # the runner finds the golden file next to the source copy
 
 
@@ -116,7 +121,7 @@ def test_compose_bench_runs_the_latest_cells_stack_on_the_gpus() -> None:
     args = services["bench"]["build"]["args"]
     assert (args["TORCH"], args["TRANSFORMERS"], args["PYTHON"]) == (latest["torch"], latest["transformers"],
                                                                      latest["python"])  # fmt: skip
-    assert args["BASE_IMAGE"] == f"${{DYMU_BASE_IMAGE:-{latest['image']}}}"
+    assert args["BASE_IMAGE"] == f"${{DYMU_DOCKER_BASE:-{latest['image']}}}"
     assert services["bench"]["build"]["target"] == "bench"
     assert services["bench"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert services["bench"]["command"][:3] == ["python", "-m", "dymu.bench.llava"]
@@ -130,3 +135,24 @@ def test_workflow_runs_the_matrix_with_the_docker_backend_on_a_gpu_runner() -> N
     commands = [step.get("run", "") for step in job["steps"]]
     assert any("nox -s matrix -- --set" in c and "--backend docker" in c for c in commands)
     assert any("docker compose up --build --exit-code-from bench bench" in c for c in commands)
+
+
+def test_dockerfile_defaults_are_the_latest_cells_stack() -> None:
+    """The Dockerfile's ARG defaults (used when built without compose) must not drift from cells.toml."""
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    defaults = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
+    latest = CELLS["cells"]["latest"]
+    assert defaults["BASE_IMAGE"] == latest["image"]
+    assert (defaults["TORCH"], defaults["TRANSFORMERS"], defaults["PYTHON"]) == (
+        latest["torch"], latest["transformers"], latest["python"])  # fmt: skip
+
+
+def test_gpu_cell_script_takes_its_versions_from_cells_toml() -> None:
+    import subprocess
+    import sys
+
+    script = (ROOT / "ci" / "gpu_cells.sh").read_text()
+    assert "python3 -m dymu.matrix.cells gpu" in script and not re.search(r"\b[45]\.\d+\.\d+\b", script)
+    listed = subprocess.run([sys.executable, "-m", "dymu.matrix.cells", "gpu"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split()  # fmt: skip
+    assert listed == CELLS["gpu"]["transformers"]

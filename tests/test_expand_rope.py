@@ -14,8 +14,9 @@ import pytest
 CODE = textwrap.dedent(
     """
     import torch
-    from dymu.expand_rope import expand_rope, half_tables
-    from dymu.vtu import Remerger, apply_rope, rope_cos_sin
+    from dymu.expand_rope import expand_rope
+    from dymu.rope import apply_rope, half_tables, rope_cos_sin
+    from dymu.vtu import Remerger
     torch.manual_seed(0)
     B, Nu, N, H, hd = 2, 5, 9, 3, 8  # 3 heads: the kernel's head block (4) must mask one
     idx = torch.randint(0, Nu, (B, N))

@@ -83,7 +83,7 @@ def test_dymu_check_flags_a_token_count_outside_the_tower(tiny_inputs, calibrate
         batch.visual_tokens = [0] * len(batch.visual_tokens)
         return batch
 
-    monkeypatch.setattr(dymu.generation, "prepare", broken)
+    monkeypatch.setattr("dymu.matrix.full_size.prepare", broken)
     result = dymu_check(model.model, model.parts, ids, pixels, calibrated, new_tokens=2)
     assert result["status"] == "fail" and "outside" in result["problems"][0]
 

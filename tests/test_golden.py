@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dymu.checkpoints import bin_blocked
+from dymu.compat.shims import bin_blocked
 from dymu.errors import DymuError
 from dymu.matrix.golden import CASES, case_family, compare, load_golden, run_case
 from dymu.versions import installed

@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_shipped_cells_are_valid_and_sets_name_real_cells() -> None:
-    data = cells.load(ROOT / "envs" / "cells.toml")
+    data = cells.load()
     assert {"reference", "latest"} <= set(data["cells"])
     assert set(data["sets"]["quick"]) <= set(data["cells"])
     assert "f-4.41-oldest" in data["cells"], "dotted cell names must be quoted in TOML"
@@ -40,12 +40,18 @@ def test_a_cell_without_a_base_image_is_rejected(tmp_path) -> None:
         ({"torch": "2.1.2", "transformers": "4.56.2", "companions": ["numpy<2"]}, "needs torch >= 2.2"),
         ({"torch": "2.1.2", "transformers": "4.37.2"}, "needs numpy<2"),
         ({"41-oldest": {"torch": "2.1.2"}}, "missing python, torch, transformers"),
+        (
+            {"torch": "2.9.1", "transformers": "4.57.3", "disable_fix": ["causal-mask"]},
+            "unknown key 'disable_fix'",
+        ),
+        ({"torch": "2.9.1", "transformers": "4.57.3", "self_kill": "yes"}, "self_kill must be a bool"),
+        ({"torch": "2.9.1", "transformers": "4.57.3", "expect": "fail"}, "expect 'fail' is not one of"),
     ],
 )
 def test_invalid_pairings_are_rejected_with_the_reason(cell, message) -> None:
     cell = {"python": "3.11", **cell} if "torch" in cell else cell
     with pytest.raises(ValueError, match=message):
-        cells.validate("bad", cell)
+        cells.validate("bad", cell, cells.load()["torch_floors"])
 
 
 def test_failure_classes() -> None:
@@ -58,7 +64,7 @@ def test_failure_classes() -> None:
         1, "Traceback\n  File x\nTypeError: forward() got an unexpected keyword argument 'cache'", False
     )
     assert cls == "crash" and "unexpected keyword argument 'cache'" in sig
-    known = outcome.known_signatures(ROOT / "patches" / "fixes.toml")
+    known = outcome.known_signatures()
     assert any(__import__("re").search(k, sig) for k in known), "a documented fix error must count as known"
 
 
@@ -155,3 +161,44 @@ def test_backend_is_picked_by_name_and_runs_a_logged_process_with_a_timeout(tmp_
     assert (done.returncode, done.timed_out) == (3, False) and "hello" in log.read_text()
     hung = backends.run_logged([sys.executable, "-c", "import time; time.sleep(30)"], log, 1, tmp_path)
     assert hung.timed_out and hung.returncode is None
+
+
+def test_cells_take_the_defaults_and_their_own_python() -> None:
+    data = cells.load()
+    seed, latest = data["cells"]["seed"], data["cells"]["latest"]
+    assert seed["python"] == "3.10" and latest["python"] == data["defaults"]["python"]
+    assert latest["legacy"] == data["defaults"]["legacy"] and data["cells"]["self-kill"]["legacy"] == []
+    assert latest["companions"][: len(data["defaults"]["companions"])] == data["defaults"]["companions"]
+    assert cells.torch_floor("5.24.0", data["torch_floors"]) == (2, 6)
+    assert cells.torch_floor("4.51.3", data["torch_floors"]) is None
+
+
+def test_fault_keys_reach_the_runner_as_arguments() -> None:
+    data = cells.load()
+    args = cells.runner_args("seed-no-mask", data["cells"]["seed-no-mask"], "out.json", "local")
+    assert args[-2:] == ["--disable-fixes", "causal-mask"]
+    assert "--self-kill" in cells.runner_args("self-kill", data["cells"]["self-kill"], "o.json", "docker")
+    assert "--self-kill" not in cells.runner_args("latest", data["cells"]["latest"], "o.json", "docker")
+
+
+def test_matrix_selects_sets_and_cells_and_refuses_unknown_ones(capsys) -> None:
+    from dymu.matrix import orchestrate
+
+    data = cells.load()
+    assert orchestrate.select(data, "quick", None) == data["sets"]["quick"]
+    assert orchestrate.select(data, "quick", ["latest"]) == ["latest"]
+    with pytest.raises(ValueError, match="unknown cells: nope"):
+        orchestrate.select(data, "core", ["nope"])
+    assert orchestrate.main(["--set", "broken", "--list"]) == 0
+    assert capsys.readouterr().out.split() == data["sets"]["broken"]
+    assert orchestrate.main(["--set", "nosuchset", "--list"], log=print) == 2
+
+
+def test_the_matrix_package_imports_without_torch() -> None:
+    """nox's interpreter runs the matrix loop, the report and the cell list with no torch installed."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import dymu.matrix.orchestrate, dymu.matrix.report, dymu.matrix.runner, dymu.matrix.junit; "
+            "sys.exit(('torch' in sys.modules) + 2 * ('transformers' in sys.modules))")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

@@ -18,8 +18,8 @@ import pytest
 import torch
 from packaging.version import Version
 
-from dymu import tiny
-from dymu.sample_images import KINDS, make_sample_images, sample_image_array, write_sample_images
+from dymu.testing import tiny
+from dymu.testing.sample_images import KINDS, make_sample_images, sample_image_array, write_sample_images
 
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 
@@ -204,7 +204,7 @@ def test_legacy_config(tiny_checkpoints: dict[str, Path]) -> None:
 )
 @pytest.mark.parametrize("name", [tiny.LEGACY_SAFETENSORS, tiny.LEGACY_BIN])
 def test_legacy_loads_with_llava_package(tiny_checkpoints: dict[str, Path], name: str) -> None:
-    from dymu.legacy_llava import import_legacy
+    from dymu.compat.legacy import import_legacy
 
     llava_cls = import_legacy().LlavaLlamaForCausalLM  # raises with the real import error, if any
     if name == tiny.LEGACY_BIN and _bin_refused():
@@ -367,7 +367,7 @@ def test_legacy_tokenizer_ids(tiny_checkpoints: dict[str, Path], use_fast: bool)
         pytest.skip("slow LlamaTokenizer needs transformers < 5 with sentencepiece and protobuf")
     import transformers
 
-    from dymu.legacy_llava import legacy_tokenizer
+    from dymu.compat.legacy import legacy_tokenizer
 
     # explicit classes: AutoTokenizer mis-resolves llava_llama on transformers 5.0-5.2 (the tokenizer fix)
     path = tiny_checkpoints[tiny.LEGACY_SAFETENSORS]
@@ -392,7 +392,7 @@ def test_committed_tokenizer_files_agree() -> None:
     if importlib.util.find_spec("sentencepiece") is None:
         pytest.skip("sentencepiece not installed (only needed to check the committed .model file)")
     spec = importlib.util.spec_from_file_location(
-        "make_tiny_tokenizer", tiny.DATA_DIR / "make_tiny_tokenizer.py"
+        "make_tiny_tokenizer", Path(__file__).resolve().parents[1] / "scripts" / "make_tiny_tokenizer.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

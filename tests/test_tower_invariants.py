@@ -13,8 +13,11 @@ import torch
 from clip_models import blocky_pixels, vitl_geometry_clip
 
 import dymu
+from dymu.blocks import _attention, layers_to_run, threshold_rule, vision_transformer
+from dymu.cuda_graph import graphed_forward
 from dymu.merge import apply_plan, bipartite_edges, plan_merges, threshold_merges
-from dymu.tower import _attention, layers_to_run, run_tower, threshold_rule, vision_transformer
+from dymu.options import Options
+from dymu.tower import finish, run_tower
 
 INF = math.inf
 
@@ -224,9 +227,9 @@ def test_cuda_graph_replay_equals_eager_on_gpu(tower) -> None:
     model, pixels, tau = tower
     model = model.cuda()
     try:
-        graphed = dymu.encode_images(model, pixels.cuda(), tau, cuda_graph=True)
-        again = dymu.encode_images(model, pixels.cuda().flip(0), tau, cuda_graph=True)
-        eager = dymu.encode_images(model, pixels.cuda(), tau, cuda_graph=False)
+        graphed = dymu.encode_images(model, pixels.cuda(), tau)
+        again = dymu.encode_images(model, pixels.cuda().flip(0), tau)
+        eager = dymu.encode_images(model, pixels.cuda(), tau, options=Options(cuda_graphs=False))
     finally:
         model.cpu()
     assert torch.equal(graphed.tokens_per_layer, eager.tokens_per_layer)
@@ -238,16 +241,12 @@ def test_cuda_graph_replay_equals_eager_on_gpu(tower) -> None:
 
 def test_segmented_static_path_equals_eager(tower) -> None:
     """The GPU path's segments (static blocks, padding trimmed between segments) run eagerly on CPU."""
-    from dymu.cuda_graph import graphed_forward
-
     model, pixels, tau = tower
     vt = vision_transformer(model)
     rule, may_merge = threshold_rule(tau, _layers(model))
     n_run = layers_to_run(_layers(model), -2)
     with torch.no_grad():
         state = graphed_forward(vt, pixels, rule, may_merge, n_run, ("test",))
-    from dymu.tower import finish
-
     segmented = finish(state, _layers(model))
     eager = run_tower(model, pixels, rule, may_merge, static=False)
     assert torch.equal(segmented.tokens_per_layer, eager.tokens_per_layer)

@@ -6,7 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaModel
 
-from dymu.vtu import Remerger, expand_rows, remerge_rows, vtu_prefill
+from dymu.compat.shims import cache_tensors, rope_theta
+from dymu.options import Options
+from dymu.vtu import Remerger, vtu_prefill
 
 
 def small_llama(layers: int = 2) -> LlamaModel:
@@ -23,36 +25,38 @@ def small_llama(layers: int = 2) -> LlamaModel:
     return LlamaModel(cfg).eval()
 
 
-def cache_layer(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, V) of layer i from any transformers cache flavour."""
-    if hasattr(cache, "layers"):
-        return cache.layers[i].keys, cache.layers[i].values
-    if hasattr(cache, "key_cache"):
-        return cache.key_cache[i], cache.value_cache[i]
-    return cache[i][0], cache[i][1]
+def prefill(model: LlamaModel, merged, idx, deterministic: bool = False):
+    return vtu_prefill(
+        model, merged, idx, rope_theta(model.config), options=Options(deterministic_remerge=deterministic)
+    )
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Reference M·e: row (b, j) is x[b, idx[b, j]], written as a plain loop."""
+    return torch.stack([torch.stack([x[b, int(i)] for i in row]) for b, row in enumerate(idx)])
 
 
 def test_t1_remerge_of_expand_is_identity() -> None:
     x = torch.randn(2, 5, 3, 4)
     idx = torch.tensor([[0, 1, 1, 2, 3, 3, 4], [0, 0, 1, 2, 2, 3, 4]])
-    torch.testing.assert_close(remerge_rows(expand_rows(x, idx), idx, 5), x)
     flat = x.reshape(2, 5, 12)
     for deterministic in (False, True):
         remerge = Remerger(idx, 5, flat.dtype, deterministic)
         torch.testing.assert_close(remerge(remerge.expand(flat)), flat)
-        torch.testing.assert_close(remerge.expand(flat), expand_rows(flat, idx))
+        torch.testing.assert_close(remerge.expand(flat), gather_rows(flat, idx))
+        torch.testing.assert_close(remerge.expand(x), gather_rows(x, idx))  # any trailing shape
 
 
 def test_identity_mapping_equals_stock_llama_and_its_cache() -> None:
     model = small_llama()
     embeds = torch.randn(2, 12, 64)
     idx = torch.arange(12)[None].repeat(2, 1)
-    out = vtu_prefill(model, embeds, idx)
+    out = prefill(model, embeds, idx)
     with torch.no_grad():
         stock = model(inputs_embeds=embeds, use_cache=True)
     torch.testing.assert_close(out.hidden, stock.last_hidden_state, rtol=1e-4, atol=1e-5)
     for i in range(2):
-        k, v = cache_layer(stock.past_key_values, i)
+        k, v = (t[i] for t in cache_tensors(stock.past_key_values))
         torch.testing.assert_close(out.keys[i], k, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(out.values[i], v, rtol=1e-4, atol=1e-5)
 
@@ -66,8 +70,8 @@ def test_t4_duplicate_image_tokens_match_full_model_on_text_positions() -> None:
     idx = torch.cat([torch.arange(text_before), image_idx, torch.arange(text_after) + text_before + groups])[
         None
     ]
-    full_embeds = expand_rows(merged, idx)
-    out = vtu_prefill(model, merged, idx)
+    full_embeds = gather_rows(merged, idx)
+    out = prefill(model, merged, idx)
     with torch.no_grad():
         full = model(inputs_embeds=full_embeds).last_hidden_state
     text_virtual = torch.cat(
@@ -88,8 +92,8 @@ def test_padded_batch_equals_single_rows(deterministic: bool) -> None:
     merged = torch.zeros(2, 6, 64)
     merged[0], merged[1, :4] = rows[0][0][0], rows[1][0][0]
     idx = torch.cat([r[1] for r in rows])
-    batched = vtu_prefill(model, merged, idx, deterministic=deterministic)
+    batched = prefill(model, merged, idx, deterministic)
     for b, (emb, row_idx) in enumerate(rows):
-        single = vtu_prefill(model, emb, row_idx, deterministic=deterministic)
+        single = prefill(model, emb, row_idx, deterministic)
         n_u = emb.shape[1]
         torch.testing.assert_close(batched.hidden[b, :n_u], single.hidden[0], rtol=1e-4, atol=1e-5)

@@ -7,11 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..atomic import write_text_atomic
+
 
 def bench_parser(prog: str, description: str, repeats: int) -> argparse.ArgumentParser:
     """The options every benchmark shares (device, dtype, batch sizes, target tokens, repeats, --out)."""
-    import torch
-
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
@@ -28,8 +30,6 @@ def bench_dtype(args: argparse.Namespace) -> str:
 
 def emit(report: dict[str, Any], table: str, out: Path | None) -> int:
     """Print the table and write the JSON report atomically."""
-    from ..atomic import write_text_atomic
-
     print(table)
     if out:
         write_text_atomic(out, json.dumps(report, indent=2) + "\n")

@@ -11,51 +11,24 @@ or `--size small` on a CPU.
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 import torch
+import transformers
 
-from ..calibrate import calibrate
-from ..generation import cache_kwarg, cache_length, generate_prepared, new_cache, prepare
-from ..hf_llava import stock_inputs
+from ..calibration import calibrate
+from ..compat.shims import cache_keyword, cache_length, new_cache, rope_theta
+from ..families import FAMILIES, IMAGE
+from ..families.hf import stock_inputs
+from ..generation import generate_prepared, prepare
 from ..images import preprocess
-from ..llava import IMAGE, find_parts
+from ..testing.builders import LLAMA_SIZES, clip_processor, random_llava
+from ..testing.photos import bench_images
 from ..tower import encode_images
 from ..vtu import vtu_prefill
 from . import bench_dtype, bench_parser, emit
-from .images import bench_images, clip_processor
-from .timing import peak_memory_mb, time_side_by_side
-from .tower import GEOMETRIES, device_name
-
-TEXT = {  # Llama-2-7B / Vicuna-7B as in LLaVA-1.5-7B; "small" runs on a CPU
-    "full": {
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-    },
-    "small": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4},
-}
-
-
-def build_llava(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """A random-weight LLaVA-1.5 (`LlavaForConditionalGeneration`) built directly on `device`."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vision = CLIPVisionConfig(image_size=336, patch_size=14, num_hidden_layers=24, hidden_act="quick_gelu",
-                              **GEOMETRIES["full" if size == "full" else "small"])  # fmt: skip
-    text = LlamaConfig(vocab_size=32064, max_position_embeddings=4096, **TEXT[size])
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
-                      projector_hidden_act="gelu", vision_feature_layer=-2)  # fmt: skip
-    torch.manual_seed(seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(cfg)
-    finally:
-        torch.set_default_dtype(default)
-    return model.to(device, dtype).eval()
+from .timing import device_name, peak_memory_mb, time_side_by_side
 
 
 def prompt_ids(batch: int, text_tokens: int, seed: int = 0) -> list[list[int]]:
@@ -78,14 +51,15 @@ def run(size: str = "small", device: str = "cpu", dtype: str = "float32", batch_
     instead of building and calibrating here (the matrix's full-size GPU stage does).
     """
     dev, torch_dtype = torch.device(device), getattr(torch, dtype)
-    model = model if model is not None else build_llava(size, dev, torch_dtype)
-    parts = find_parts(model)
+    model = model if model is not None else random_llava(size, dev, torch_dtype)
+    parts = FAMILIES["hf"].parts(model)
     processor = clip_processor(336)
     tau = thresholds
     if tau is None:
         tau = calibrate(parts.vision, bench_images(64, seed=1), target_tokens, batch_size=32,
                         processor=processor, progress=False)  # fmt: skip
     images = bench_images(max(batch_sizes), seed=2)
+    theta = rope_theta(parts.decoder.config)
     rows = []
     for bsz in batch_sizes:
         ids = prompt_ids(bsz, text_tokens)
@@ -103,7 +77,7 @@ def run(size: str = "small", device: str = "cpu", dtype: str = "float32", batch_
                 return parts.lm_head(out.last_hidden_state[:, -1])
 
         def dymu_prefill(e=merged, i=idx):
-            out = vtu_prefill(parts.decoder, e, i)
+            out = vtu_prefill(parts.decoder, e, i, theta)
             cache = new_cache(model, out.keys, out.values)
             return parts.lm_head(out.hidden[:, -1]), cache
 
@@ -154,8 +128,6 @@ def run(size: str = "small", device: str = "cpu", dtype: str = "float32", batch_
             "ratios_stock_over_dymu": {k: v["stock"]["mean_ms"] / v["dymu"]["mean_ms"] for k, v in stages.items()}
             | {"decode": decode["stock"] / decode["dymu"]},
         })  # fmt: skip
-    import transformers
-
     return {
         "benchmark": "llava", "size": size, "weights": "random (seeded); timings only, no accuracy meaning",
         "device": device_name(dev), "dtype": dtype, "torch": torch.__version__,
@@ -218,8 +190,6 @@ def _merged(parts, ids, pixels, tau):
 @torch.no_grad()
 def _decode_ms_per_token(model, stock_in, prepared, steps: int, dev: torch.device) -> float:
     """Mean ms per decode step from a prefilled cache (stock: the model's own prefill)."""
-    import time
-
     if prepared is None:
         out = model(**stock_in, use_cache=True)
         cache = out.past_key_values  # before 4.47 the model expands the image itself: size from the cache
@@ -236,7 +206,7 @@ def _decode_ms_per_token(model, stock_in, prepared, steps: int, dev: torch.devic
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         position = mask.sum(-1, keepdim=True) - 1
         out = model(input_ids=token, attention_mask=mask, position_ids=position, use_cache=True,
-                    **{cache_kwarg(): cache})  # fmt: skip
+                    **{cache_keyword(): cache})  # fmt: skip
         cache = out.past_key_values
         token = out.logits[:, -1:].argmax(-1)
     if dev.type == "cuda":
@@ -261,7 +231,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser("python -m dymu.bench.llava", __doc__.splitlines()[0], repeats=5)
-    parser.add_argument("--size", choices=sorted(TEXT), default="small")
+    parser.add_argument("--size", choices=sorted(LLAMA_SIZES), default="small")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each prefill")
     args = parser.parse_args(argv)

@@ -9,11 +9,11 @@ import argparse
 
 import torch
 
-from ..calibrate import calibrate
+from ..blocks import forward_tokens, layers_to_run, threshold_rule, vision_transformer
+from ..calibration import calibrate
 from ..images import preprocess
-from ..tower import forward_tokens, layers_to_run, threshold_rule, vision_transformer
-from .images import bench_images, clip_processor
-from .tower import build_clip
+from ..testing.builders import clip_processor, random_clip
+from ..testing.photos import bench_images
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args(argv)
     dev = torch.device("cuda")
-    model = build_clip(args.geometry, dev, torch.bfloat16)
+    model = random_clip(args.geometry, dev, torch.bfloat16)
     processor = clip_processor(336)
     tau = calibrate(model, bench_images(64, seed=1), 72, batch_size=32, processor=processor, progress=False)
     pixels = preprocess(bench_images(args.batch_size, seed=2), processor).to(dev, torch.bfloat16)

@@ -5,6 +5,7 @@ Candidates are interleaved (a, b, a, b, ...) so drift on a shared machine hits b
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -67,3 +68,10 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def device_name(device: torch.device) -> str:
+    """The card (e.g. 'NVIDIA H200') or the CPU's description."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

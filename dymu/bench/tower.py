@@ -7,44 +7,20 @@ calibrated in the same run on a calibration image set disjoint from the timed ba
 
 from __future__ import annotations
 
-import platform
 import sys
 from typing import Any
 
 import torch
+import transformers
 
-from ..calibrate import calibrate
+from ..calibration import calibrate
+from ..images import preprocess
+from ..options import Options
+from ..testing.builders import CLIP_GEOMETRIES, clip_processor, random_clip
+from ..testing.photos import bench_images
 from ..tower import encode_images
 from . import bench_dtype, bench_parser, emit
-from .images import bench_images, clip_processor
-from .timing import peak_memory_mb, time_side_by_side
-
-GEOMETRIES = {
-    # real ViT-L/14-336 depth and token count; width shrunk so a 2-core CPU can time it
-    "small": {"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4},
-    # CLIP ViT-L/14-336 as LLaVA-1.5 uses it
-    "full": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16},
-}
-
-
-def build_clip(geometry: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """A random-weight CLIP vision tower with 336-px / patch-14 / 24-layer geometry, built on `device`."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    cfg = CLIPVisionConfig(
-        image_size=336, patch_size=14, num_hidden_layers=24, hidden_act="quick_gelu", **GEOMETRIES[geometry]
-    )
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = CLIPVisionModel(cfg)
-    return model.to(dtype).eval()
-
-
-def device_name(device: torch.device) -> str:
-    """The card (e.g. 'NVIDIA H100 80GB HBM3') or the CPU's description."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+from .timing import device_name, peak_memory_mb, time_side_by_side
 
 
 def run(
@@ -60,15 +36,13 @@ def run(
     """Calibrate, then time stock / DToMe(no merges) / DToMe(calibrated) at each batch size."""
     dev = torch.device(device)
     torch_dtype = getattr(torch, dtype)
-    model = build_clip(geometry, dev, torch_dtype)
+    model = random_clip(geometry, dev, torch_dtype)
     processor = clip_processor(336)
     calib = bench_images(calib_images, seed=1)
     thresholds = calibrate(
         model, calib, target_tokens=target_tokens, batch_size=32, processor=processor, progress=False
     )
     timed_images = bench_images(max(batch_sizes), seed=2)
-    from ..images import preprocess
-
     all_pixels = preprocess(timed_images, processor).to(dev, torch_dtype)
 
     rows = []
@@ -88,7 +62,7 @@ def run(
         }
         if dev.type == "cuda":  # the default above is graphed; also time the eager shrinking path
             candidates["dtome_eager"] = lambda pixels=pixels: encode_images(
-                model, pixels, thresholds, cuda_graph=False
+                model, pixels, thresholds, options=Options(cuda_graphs=False)
             )
         stats = time_side_by_side(candidates, dev, warmup=warmup, repeats=repeats)
         memory = {name: peak_memory_mb(fn, dev) for name, fn in candidates.items()}
@@ -108,8 +82,6 @@ def run(
                 "ratio_dtome_vs_no_merge": stats["dtome"]["mean_ms"] / stats["dtome_no_merge"]["mean_ms"],
             }
         )
-    import transformers
-
     return {
         "benchmark": "vision_tower",
         "weights": "random (seeded); timings only, no accuracy meaning",
@@ -146,7 +118,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser("python -m dymu.bench.tower", __doc__.splitlines()[0], repeats=10)
-    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="small")
+    parser.add_argument("--geometry", choices=sorted(CLIP_GEOMETRIES), default="small")
     parser.add_argument("--calib-images", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)

@@ -1,9 +1,13 @@
-"""Where a matrix cell runs. The matrix loop (noxfile.py `matrix`) only knows this interface:
+"""Where a matrix cell runs. The matrix loop (`orchestrate.py`) only knows this interface:
 build the cell's environment, run the cell runner in it with a timeout, leave the runner's JSON
 at reports/cells/<cell>.json and the combined output in a log. Everything else (freshness,
 failure classes, the report) is the same whichever backend ran the cell.
 
-Standard library only: the noxfile loads this file by path, before any cell env exists.
+Standard library only (the Docker SDK is imported where the Docker backend needs it).
+Environment: DYMU_DOCKER_BASE (replace every cell's CUDA base image, e.g. with a local one where
+no registry is reachable), DYMU_DOCKER_GPUS (all|none; default: all when the engine has the NVIDIA
+runtime), DYMU_EXTRA_CA_CERT (PEM text of extra CAs to trust in the image, for a TLS-inspecting
+proxy; compose.yaml takes the same variable).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from .cells import requirements, runner_args
 
 
 @dataclass
@@ -70,14 +76,9 @@ class LocalBackend:
         return run_logged([sys.executable, "-m", "nox", "-s", f"cell({name})"], log_path, timeout, self.root)
 
 
-def cell_requirements(cell: dict[str, Any]) -> list[str]:
-    """Pinned torch/transformers plus the companion pins (both backends install exactly these)."""
-    return [f"torch=={cell['torch']}", f"transformers=={cell['transformers']}", *cell.get("companions", [])]
-
-
 def container_script(name: str, cell: dict[str, Any]) -> str:
     """What a Docker cell runs: copy the (read-only) source, build the venv with uv, run the runner."""
-    reqs = " ".join(shlex.quote(r) for r in cell_requirements(cell))
+    reqs = " ".join(shlex.quote(r) for r in requirements(cell))
     legacy = " ".join(shlex.quote(r) for r in cell.get("legacy", []))
     lines = [
         "set -euo pipefail",
@@ -87,7 +88,7 @@ def container_script(name: str, cell: dict[str, Any]) -> str:
         f"uv pip install -q {reqs}",
         "uv pip install -q -e /tmp/work",
         *([f"uv pip install -q --no-deps {legacy}"] if legacy else []),
-        f"python -m dymu.matrix.runner --cell {shlex.quote(name)} --out /out/{shlex.quote(name)}.json",
+        "python -m dymu.matrix.runner " + shlex.join(runner_args(name, cell, f"/out/{name}.json", "docker")),
     ]  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -97,7 +98,7 @@ class DockerBackend:
     """A container per cell, through the Docker SDK. The image is the cell's CUDA base image
     (envs/cells.toml `[images]`; DYMU_DOCKER_BASE overrides it, e.g. where no registry can be
     reached) plus Python and uv (the `cell` target of docker/Dockerfile), built once per base and Python
-    (DYMU_DOCKER_CA_CERT: a PEM file of extra CAs to trust, for a TLS-inspecting proxy). The
+    (DYMU_EXTRA_CA_CERT: PEM text of extra CAs to trust, for a TLS-inspecting proxy). The
     container installs the cell's pins with the host's uv cache mounted, runs the cell runner on
     a copy of the read-only source and writes reports/cells/<cell>.json. GPUs are passed through
     when the engine has the NVIDIA runtime (DYMU_DOCKER_GPUS=all|none overrides)."""
@@ -110,13 +111,13 @@ class DockerBackend:
         return self.root / "reports" / "docker" / "cells"
 
     def _client(self):
-        import docker  # the Docker SDK; only this backend needs it
+        import docker  # noqa: PLC0415 - the Docker SDK: only this backend needs it
 
         return docker.from_env()
 
     def unavailable(self) -> str | None:
         try:
-            import docker  # noqa: F401
+            import docker  # noqa: F401, PLC0415
         except ImportError:
             return "the docker backend needs the Docker SDK next to nox: python -m pip install docker"
         try:
@@ -130,7 +131,7 @@ class DockerBackend:
 
     def image(self, cell: dict[str, Any], log) -> str:
         """dymu-cell:<base>-py<python>, built from docker/Dockerfile (target `cell`) when missing."""
-        import docker
+        import docker  # noqa: PLC0415 - optional dependency
 
         base = self.base_image(cell)
         tag = "dymu-cell:" + re.sub(r"[^A-Za-z0-9_.-]+", "-", base)[:100] + f"-py{cell['python']}"
@@ -142,9 +143,9 @@ class DockerBackend:
             pass
         log.write(f"building {tag} from {base}\n")
         args = {"BASE_IMAGE": base, "PYTHON": cell["python"]}
-        ca = os.environ.get("DYMU_DOCKER_CA_CERT")
+        ca = os.environ.get("DYMU_EXTRA_CA_CERT")
         if ca:  # trust a TLS-inspecting proxy's CA inside the image (public certificates, not secrets)
-            args["EXTRA_CA_CERT"] = Path(ca).read_text()
+            args["EXTRA_CA_CERT"] = ca
         try:
             _, output = client.images.build(path=str(self.root / "docker"), dockerfile="Dockerfile", target="cell",
                                             tag=tag, buildargs=args, network_mode="host", rm=True)  # fmt: skip
@@ -161,7 +162,7 @@ class DockerBackend:
         return "nvidia" in (self._client().info().get("Runtimes") or {})
 
     def run_cell(self, name: str, cell: dict[str, Any], log_path: Path, timeout: float) -> CellRun:
-        import docker
+        import docker  # noqa: PLC0415 - optional dependency
 
         log_path.parent.mkdir(parents=True, exist_ok=True)
         out = self.results
@@ -175,9 +176,12 @@ class DockerBackend:
                 log.write(f"Failed to build the cell image: {err}\n")
                 return CellRun(1, False)
             log.flush()
-            env = {"HOME": "/tmp", "UV_CACHE_DIR": "/uv-cache", "UV_LINK_MODE": "copy", "UV_PYTHON_DOWNLOADS": "never",
-                   "DYMU_MATRIX_BACKEND": "docker",
-                   **{k: str(v) for k, v in cell.get("env", {}).items()}}  # fmt: skip
+            env = {
+                "HOME": "/tmp",
+                "UV_CACHE_DIR": "/uv-cache",
+                "UV_LINK_MODE": "copy",
+                "UV_PYTHON_DOWNLOADS": "never",
+            }
             volumes = {str(self.root): {"bind": "/src", "mode": "ro"}, str(out): {"bind": "/out", "mode": "rw"},
                        str(uv_cache): {"bind": "/uv-cache", "mode": "rw"}}  # fmt: skip
             devices = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if self.gpus() else []
@@ -188,7 +192,7 @@ class DockerBackend:
     def run_container(self, image: str, script: str, log, timeout: float, **options: Any) -> CellRun:
         """Run `script` under bash in a fresh container; its output goes to `log`. A timeout kills
         it; an OOM kill is written to the log in the words `classify` looks for; it is removed."""
-        import requests
+        import requests  # noqa: PLC0415 - optional dependency
 
         container = self._client().containers.run(
             image, ["bash", "-c", script], detach=True, network_mode="host",

@@ -1,6 +1,7 @@
-"""Matrix cells from envs/cells.toml, with pairings below transformers' torch floor rejected.
+"""Matrix cells from envs/cells.toml: defaults merged in, keys typed, pairings below
+transformers' torch floor rejected, and what each backend needs derived in one place.
 
-Standard library only: the noxfile loads this file by path, before any cell env exists.
+Standard library only: the noxfile imports it in nox's own interpreter, before any cell env exists.
 """
 
 from __future__ import annotations
@@ -14,45 +15,48 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-# transformers release -> minimum torch at run time (../shared/COMPAT.md, "runtime floors"), plus
-# 4.56 -> 2.2, found by the full set: 4.56.2 on torch 2.1.2 fails at import
-# (`torch.utils._pytree` has no `register_pytree_node` before torch 2.2)
-TORCH_FLOORS = (
-    ((5, 20), (2, 6)),
-    ((5, 15), (2, 5)),
-    ((5, 1), (2, 4)),
-    ((5, 0), (2, 2)),
-    ((4, 56), (2, 2)),
-    ((4, 52), (2, 1)),
-)
+ROOT = Path(__file__).resolve().parents[2]
+CELLS_FILE = ROOT / "envs" / "cells.toml"
+# key -> type; anything else in a cell is a typo and is refused
+KEYS: dict[str, type | tuple[type, ...]] = {
+    "python": str, "torch": str, "transformers": str, "companions": list, "legacy": list, "why": str,
+    "image": str, "expect": str, "disable_fixes": list, "self_kill": bool,
+}  # fmt: skip
+EXPECT = ("pass", "crash", "timeout", "oom", "install-failure", "stage-failure", "stage-failure/known")
 
 
-def _release(version: str) -> tuple[int, ...]:
+def release(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in version.split("+")[0].split(".")[:3] if p.isdigit())
 
 
-def torch_floor(transformers: str) -> tuple[int, ...] | None:
-    have = _release(transformers)[:2]
-    for since, floor in TORCH_FLOORS:
-        if have >= since:
-            return floor
-    return None
+def torch_floor(transformers: str, floors: dict[str, str]) -> tuple[int, ...] | None:
+    """The minimum torch for a transformers release ([torch_floors]: the newest entry it reaches)."""
+    have = release(transformers)[:2]
+    reached = [(release(since), release(floor)) for since, floor in floors.items() if have >= release(since)]
+    return max(reached)[1] if reached else None
 
 
-def validate(name: str, cell: dict[str, Any]) -> None:
+def validate(name: str, cell: dict[str, Any], floors: dict[str, str]) -> None:
     """Raise ValueError for an impossible pairing or a malformed cell, saying why."""
     missing = [key for key in ("python", "torch", "transformers") if not isinstance(cell.get(key), str)]
     if missing:
         raise ValueError(
             f'cell {name!r}: missing {", ".join(missing)} (quote names with dots: [cells."a.b"])'
         )
-    floor = torch_floor(cell["transformers"])
-    if floor and _release(cell["torch"])[:2] < floor:
+    for key, value in cell.items():
+        if key not in KEYS:
+            raise ValueError(f"cell {name!r}: unknown key {key!r}; known: {', '.join(sorted(KEYS))}")
+        if not isinstance(value, KEYS[key]):
+            raise ValueError(f"cell {name!r}: {key} must be a {KEYS[key].__name__}, got {value!r}")
+    if cell.get("expect", "pass") not in EXPECT:
+        raise ValueError(f"cell {name!r}: expect {cell['expect']!r} is not one of {', '.join(EXPECT)}")
+    floor = torch_floor(cell["transformers"], floors)
+    if floor and release(cell["torch"])[:2] < floor:
         raise ValueError(
             f"cell {name!r}: transformers {cell['transformers']} needs torch >= {'.'.join(map(str, floor))}, "
             f"got {cell['torch']}"
         )
-    if _release(cell["torch"])[:2] < (2, 3) and not any(
+    if release(cell["torch"])[:2] < (2, 3) and not any(
         c.startswith("numpy<2") for c in cell.get("companions", [])
     ):
         raise ValueError(f"cell {name!r}: torch {cell['torch']} needs numpy<2 in companions")
@@ -70,14 +74,56 @@ def image_for(name: str, cell: dict[str, Any], images: dict[str, str]) -> str:
     return images[minor]
 
 
-def load(path: Path) -> dict[str, Any]:
-    """The cells (each with its resolved `image`) and sets; ValueError names the bad entry."""
+def _merged(defaults: dict[str, Any], cell: dict[str, Any]) -> dict[str, Any]:
+    out = {**defaults, **cell}
+    out["companions"] = [*defaults.get("companions", []), *cell.get("companions", [])]
+    return out
+
+
+def load(path: Path = CELLS_FILE) -> dict[str, Any]:
+    """The cells (defaults merged, each with its resolved `image`), sets, images, floors and GPU cells;
+    ValueError names the bad entry."""
     data = tomllib.loads(path.read_text(encoding="utf-8"))
+    floors = data.get("torch_floors", {})
+    data["cells"] = {name: _merged(data.get("defaults", {}), cell) for name, cell in data["cells"].items()}
     for name, cell in data["cells"].items():
-        validate(name, cell)
+        validate(name, cell, floors)
         cell["image"] = image_for(name, cell, data.get("images", {}))
     for set_name, members in data["sets"].items():
         unknown = [m for m in members if m not in data["cells"]]
         if unknown:
             raise ValueError(f"set {set_name!r} names unknown cells {unknown}")
     return data
+
+
+def requirements(cell: dict[str, Any]) -> list[str]:
+    """Pinned torch/transformers plus the companion pins (every backend installs exactly these)."""
+    return [f"torch=={cell['torch']}", f"transformers=={cell['transformers']}", *cell.get("companions", [])]
+
+
+def runner_args(name: str, cell: dict[str, Any], out: str, backend: str) -> list[str]:
+    """The cell runner's arguments, fault injection included (`python -m dymu.matrix.runner ...`)."""
+    args = ["--cell", name, "--out", out, "--backend", backend]
+    if cell.get("disable_fixes"):
+        args += ["--disable-fixes", ",".join(cell["disable_fixes"])]
+    if cell.get("self_kill"):
+        args.append("--self-kill")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    """`python -m dymu.matrix.cells gpu|latest|SET`: print what scripts need, one item per line."""
+    data = load()
+    what = argv[0] if argv else ""
+    if what == "gpu":
+        print("\n".join(data["gpu"]["transformers"]))
+    elif what in data["sets"]:
+        print("\n".join(data["sets"][what]))
+    else:
+        print(f"usage: python -m dymu.matrix.cells gpu|{'|'.join(data['sets'])}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,14 +1,17 @@
-"""The code digest a cell result is valid for (standard library only: the noxfile loads it by path)."""
+"""The code digest a cell result is valid for, and the golden file's place (standard library only)."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN_FILE = ROOT / "tests" / "golden" / "reference.json"
+
 
 def code_digest(root: Path | None = None) -> str:
     """sha256 over the library, the patch data and the golden file: a result is fresh only for these."""
-    root = root or Path(__file__).resolve().parents[2]
+    root = root or ROOT
     digest = hashlib.sha256()
     files = sorted([*(root / "dymu").rglob("*.py"), root / "patches" / "fixes.toml",
                     root / "tests" / "golden" / "reference.json"])  # fmt: skip

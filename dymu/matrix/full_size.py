@@ -18,6 +18,17 @@ from typing import Any
 
 import torch
 
+from ..bench.llava import prompt_ids, run
+from ..bench.timing import device_name
+from ..calibration import calibrate
+from ..compat.shims import cache_tensors
+from ..families import FAMILIES
+from ..families.hf import stock_inputs
+from ..generation import generate_prepared, prepare
+from ..images import preprocess
+from ..testing.builders import clip_processor, random_llava
+from ..testing.photos import bench_images
+
 # Relative error allowed between DyMU-with-merging-off and stock (KV cache and logits). Our CLIP
 # blocks and VTU prefill reorder the stock arithmetic: in float32 they agree to ~3e-5 on an H200
 # (0.0 where both use the same kernels); that is the gate. In bf16, rounding through 56
@@ -28,15 +39,6 @@ IDENTITY_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.5}
 ROUNDING_FACTOR = 2.0
 TARGET_TOKENS = 72
 TEXT_TOKENS = 40
-
-
-def cache_pairs(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(key, value) per layer from any cache flavour: legacy tuples, DynamicCache of 4.x or 5.x."""
-    if isinstance(cache, (tuple, list)):
-        return [(k, v) for k, v in cache]
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache, strict=True))
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -70,11 +72,14 @@ class PrefillRun:
 @torch.no_grad()
 def stock_run(model: torch.nn.Module, parts: Any, ids: list[list[int]], pixels: torch.Tensor) -> PrefillRun:
     """Stock LLaVA's own forward over the whole prompt."""
-    from ..hf_llava import stock_inputs
 
     out = model(**stock_inputs(parts, ids, pixels), use_cache=True)
     patches = (parts.vision.config.image_size // parts.vision.config.patch_size) ** 2
-    return PrefillRun(cache_pairs(out.past_key_values), out.logits[:, -1].float(), [patches] * len(ids))
+    return PrefillRun(
+        list(zip(*cache_tensors(out.past_key_values), strict=True)),
+        out.logits[:, -1].float(),
+        [patches] * len(ids),
+    )
 
 
 @torch.no_grad()
@@ -82,10 +87,11 @@ def dymu_run(
     parts: Any, ids: list[list[int]], pixels: torch.Tensor, thresholds: torch.Tensor | None
 ) -> PrefillRun:
     """DyMU's prefill (all but the last prompt token) plus generate()'s step on the last one."""
-    from ..generation import generate_prepared, prepare
 
     batch = prepare(parts, ids, pixels, thresholds)
-    cache = cache_pairs(batch.cache)  # generate() appends to the cache; these tensors stay as filled
+    cache = list(
+        zip(*cache_tensors(batch.cache), strict=True)
+    )  # generate() appends to the cache; these tensors stay as filled
     logits = generate_prepared(parts, batch, 1).scores[0].float()
     return PrefillRun(cache, logits, batch.visual_tokens)
 
@@ -146,8 +152,6 @@ def dymu_check(model: torch.nn.Module, parts: Any, ids: list[list[int]], pixels:
                thresholds: torch.Tensor, new_tokens: int = 8) -> dict[str, Any]:  # fmt: skip
     """DyMU with calibrated thresholds: token counts in range, per-layer counts non-increasing,
     the virtual sequence full length, finite logits, and generation of the requested length."""
-    from ..generation import generate_prepared, prepare
-    from ..hf_llava import stock_inputs
 
     stock = model(**stock_inputs(parts, ids, pixels)).logits[:, -1]
     batch = prepare(parts, ids, pixels, thresholds)
@@ -179,27 +183,20 @@ def stage_full_size(
     """Build, calibrate, check and benchmark the full-size model on the GPU; n.a. without CUDA."""
     if not torch.cuda.is_available():
         return {"status": "n.a.", "why": "no CUDA device: the full-size stage runs in GPU cells"}
-    from ..bench.images import bench_images, clip_processor
-    from ..bench.llava import build_llava, prompt_ids, run
-    from ..bench.tower import device_name
-    from ..calibrate import calibrate
-    from ..images import preprocess
-    from ..llava import find_parts
-
     dev, dtype = torch.device("cuda"), torch.bfloat16
     start = time.perf_counter()
     processor = clip_processor(336)
     ids = prompt_ids(4, TEXT_TOKENS, seed=5)
     pixels = preprocess(bench_images(4, seed=3), processor).to(dev)
     # gate 1, float32: DyMU with merging off equals stock to ~1e-5 (rounding order only)
-    model = build_llava("full", dev, torch.float32)
-    stock_fp32 = stock_run(model, find_parts(model), ids, pixels)
-    checks = {"identity": identity_check(model, find_parts(model), ids, pixels, stock=stock_fp32)}
+    model = random_llava("full", dev, torch.float32)
+    stock_fp32 = stock_run(model, FAMILIES["hf"].parts(model), ids, pixels)
+    checks = {"identity": identity_check(model, FAMILIES["hf"].parts(model), ids, pixels, stock=stock_fp32)}
     del model
     torch.cuda.empty_cache()
     # gate 2, bf16: DyMU drifts from the float32 truth no more than stock's own bf16 rounding does
-    model = build_llava("full", dev, dtype)
-    parts = find_parts(model)
+    model = random_llava("full", dev, dtype)
+    parts = FAMILIES["hf"].parts(model)
     built_s = time.perf_counter() - start
     low = pixels.to(dtype)
     checks["bf16-rounding"] = rounding_check(stock_fp32, stock_run(model, parts, ids, low),

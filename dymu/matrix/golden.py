@@ -16,10 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
+from ..api import format_prompt, load
 from ..atomic import write_text_atomic
+from ..calibration import calibrate
+from ..generation import generate_prepared
+from ..testing.sample_images import make_sample_images
+from ..testing.tiny import ensure_tiny_checkpoints
+from ..vision_loading import load_vision_tower
+from .digest import GOLDEN_FILE
 
-GOLDEN_FILE = Path(__file__).resolve().parents[2] / "tests" / "golden" / "reference.json"
 QUESTIONS = ("What is in the picture?", "Describe the colours and shapes, please.", "Is it busy?")
 CASES = (
     "llava-hf-tiny-safetensors",
@@ -37,11 +44,6 @@ def case_family(case: str) -> str:
 
 def golden_thresholds() -> torch.Tensor:
     """Thresholds calibrated once for the tiny tower; stored in the golden file as an input."""
-    from ..calibrate import calibrate
-    from ..sample_images import make_sample_images
-    from ..tiny import ensure_tiny_checkpoints
-    from ..vision_loading import load_vision_tower
-
     tower, processor = load_vision_tower(ensure_tiny_checkpoints()["clip"])
     return calibrate(tower, make_sample_images(16, seed=1), 16, 16, processor, progress=False)
 
@@ -49,11 +51,6 @@ def golden_thresholds() -> torch.Tensor:
 @torch.no_grad()
 def run_case(case: str, thresholds: torch.Tensor, vtu: str = "fast") -> dict[str, Any]:
     """The observable outputs of one checkpoint directory on the fixed inputs."""
-    from .. import format_prompt, load
-    from ..generation import generate_prepared
-    from ..sample_images import make_sample_images
-    from ..tiny import ensure_tiny_checkpoints
-
     model = load(ensure_tiny_checkpoints()[case], thresholds=thresholds, vtu=vtu)
     prompts = [format_prompt(q) for q in QUESTIONS]
     images = make_sample_images(len(prompts))
@@ -102,8 +99,6 @@ def digest(obj: Any) -> str:
 
 def write_golden(path: Path = GOLDEN_FILE, atol: float = 1e-4) -> Path:
     """Regenerate the golden file on this stack (meant for the reference cell); review the diff."""
-    import transformers
-
     tau = golden_thresholds()
     cases = {case: run_case(case, tau) for case in CASES}
     data = {

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from ..compat.registry import fixes
 
 
-def known_signatures(fixes_toml: Path) -> list[str]:
+def known_signatures() -> list[str]:
     """The documented error signatures of every fix (patches/fixes.toml)."""
-    return [fix["error"] for fix in tomllib.loads(fixes_toml.read_text(encoding="utf-8")).values()]
+    return [fix.error for fix in fixes().values()]
 
 
 def outcome(result: dict) -> str:

@@ -1,7 +1,7 @@
 """Aggregate cell results into reports/matrix.json, matrix.md and matrix.html.
 
-Standard library only, so nox's own interpreter can run it as a file
-(`python dymu/matrix/report.py reports`); `dymu matrix report` calls the same code.
+Standard library only, so nox's own interpreter runs it (`python -m dymu.matrix.report reports`);
+`dymu matrix report` calls the same code.
 """
 
 from __future__ import annotations
@@ -9,26 +9,15 @@ from __future__ import annotations
 import datetime as dt
 import html
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-FIXES = ("scatter", "weights-only", "safetensors", "cache-format", "generate-kwargs", "cache-rename",
-         "causal-mask", "loader-kwargs", "tokenizer", "legacy-import")  # fmt: skip
+from ..atomic import write_text_atomic as write_text
+from ..compat.registry import fixes
+
+FIXES = tuple(fixes())
 STAGES = ("import", "fixes", "inference", "golden", "bench", "full-size")
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; a report is an ordinary file
-    os.replace(tmp, path)
 
 
 def fix_verdict(entry: dict[str, Any] | None) -> str:
@@ -194,9 +183,9 @@ def build(reports: Path) -> dict[str, Any]:
     rows = [summarize(c) for c in cells]
     data = {"schema": 1, "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "summary": rows, "cells": cells}  # fmt: skip
-    _write(reports / "matrix.json", json.dumps(data, indent=1) + "\n")
-    _write(reports / "matrix.md", render_markdown(rows))
-    _write(reports / "matrix.html", render_html(rows))
+    write_text(reports / "matrix.json", json.dumps(data, indent=1) + "\n")
+    write_text(reports / "matrix.md", render_markdown(rows))
+    write_text(reports / "matrix.html", render_html(rows))
     return data
 
 

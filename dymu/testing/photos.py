@@ -3,34 +3,17 @@ are installed, the real photographs that ship inside scikit-image and matplotlib
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from PIL import Image
 
-from ..sample_images import make_sample_images
-
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def clip_processor(size: int) -> Any:
-    """A CLIPImageProcessor with OpenAI CLIP normalisation at `size` px (no download)."""
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-    )
+from .sample_images import make_sample_images
 
 
 def packaged_photos() -> list[Image.Image]:
     """Photos bundled in installed wheels (skimage.data, matplotlib sample data); [] if absent."""
     photos: list[Image.Image] = []
     try:
-        from skimage import data
+        from skimage import data  # noqa: PLC0415 - optional dependency
 
         for name in ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field"):
             try:
@@ -42,7 +25,7 @@ def packaged_photos() -> list[Image.Image]:
     except ImportError:
         pass
     try:
-        from matplotlib import cbook
+        from matplotlib import cbook  # noqa: PLC0415 - optional dependency
 
         with cbook.get_sample_data("grace_hopper.jpg") as f:
             photos.append(Image.open(f).convert("RGB"))

@@ -22,11 +22,13 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
+from .blocks import layers_to_run, vision_transformer
 from .errors import DymuError
 from .images import batches, preprocess
 from .merge import Edges, top_k_merges
-from .tower import layers_to_run, run_tower, vision_transformer
+from .tower import run_tower
 
 
 def merge_schedule(num_patches: int, target_tokens: int, n_layers: int) -> list[int]:
@@ -81,8 +83,6 @@ def calibrate(
         total = -(-images.shape[0] // batch_size)
     elif hasattr(images, "__len__"):
         total = -(-len(images) // batch_size)  # type: ignore[arg-type]
-
-    from tqdm import tqdm
 
     bar = tqdm(total=total, desc="calibrating", unit="batch", disable=not progress, file=sys.stderr)
     for pixels in _pixel_batches(images, batch_size, processor):

@@ -24,8 +24,8 @@ The script then checks that the fast file reproduces sentencepiece's ids on a se
 
 Run (needs ``sentencepiece`` and ``tokenizers``)::
 
-    python dymu/data/make_tiny_tokenizer.py            # writes next to this file
-    python dymu/data/make_tiny_tokenizer.py --check    # only verify the committed files
+    python scripts/make_tiny_tokenizer.py            # writes into dymu/data/
+    python scripts/make_tiny_tokenizer.py --check    # only verify the committed files
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import io
 import json
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "dymu" / "data"  # where the files ship
 MODEL_PATH = HERE / "tiny_tokenizer.model"
 JSON_PATH = HERE / "tiny_tokenizer.json"
 VOCAB_SIZE = 512

@@ -41,6 +41,7 @@ Known, deliberate differences from the real checkpoints are listed in :data:`KNO
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -50,14 +51,15 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
+import torch
+from safetensors.torch import save_file
 
-if TYPE_CHECKING:
-    import torch
+from ..images import CLIP_MEAN, CLIP_STD
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 TOKENIZER_MODEL = DATA_DIR / "tiny_tokenizer.model"
 TOKENIZER_JSON = DATA_DIR / "tiny_tokenizer.json"
 
@@ -79,9 +81,6 @@ UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 
-# Same values as openai/clip-vit-large-patch14(-336)'s preprocessor_config.json.
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 SerializationFormat = Literal["safetensors", "bin"]
 
@@ -280,8 +279,6 @@ def tiny_weights(spec: TinySpec = TinySpec()) -> dict[str, np.ndarray]:
 
 
 def _to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    import torch
-
     return {k: torch.from_numpy(np.ascontiguousarray(v).copy()) for k, v in arrays.items()}
 
 
@@ -343,14 +340,10 @@ def save_state_dict(
     One helper for both serializations so the two variants of a format differ only in the file.
     Tensors are made contiguous and unshared (safetensors refuses shared storage).
     """
-    import torch
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone() for k, v in sorted(state.items())}
     if fmt == "safetensors":
-        from safetensors.torch import save_file
-
         path = directory / "model.safetensors"
         save_file(tensors, str(path), metadata={"format": "pt"})
     elif fmt == "bin":
@@ -731,8 +724,6 @@ def tree_fingerprint(root: str | Path) -> dict[str, str]:
     Why: two builds (or two torch versions) must agree byte for byte except for pickle framing,
     which torch does not promise to keep stable; this makes that comparison one dict equality.
     """
-    import torch
-
     root = Path(root)
     out = {}
     for name in ALL_DIRS:
@@ -749,10 +740,8 @@ def tree_fingerprint(root: str | Path) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dymu.tiny OUT_DIR``: build the fixture and print its fingerprint as JSON."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m dymu.tiny", description=main.__doc__)
+    """``python -m dymu.testing.tiny OUT_DIR``: build the fixture and print its fingerprint as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m dymu.testing.tiny", description=main.__doc__)
     parser.add_argument("out_dir", help="directory to build into (its absolute path lands in configs)")
     args = parser.parse_args(argv)
     build_tiny_checkpoints(args.out_dir)

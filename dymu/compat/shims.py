@@ -1,0 +1,141 @@
+"""Runtime shims for torch and transformers: every branch on an installed version lives here,
+each taking the path its fix's registration (`patches/fixes.toml`) selects. Checks for each
+fix (verify and negative control) are in `checks.py`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from ..errors import DymuError
+from .registry import active, needed
+
+# imports that exist only in some releases, taken where the fix that uses them is needed
+if needed("causal-mask"):
+    from transformers.masking_utils import create_causal_mask
+if needed("mask-helper"):
+    from transformers.modeling_attn_mask_utils import _prepare_4d_causal_attention_mask
+
+# ---------------------------------------------------------------- dtype-kwarg
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """`from_pretrained`'s dtype keyword for this transformers."""
+    return {"torch_dtype": dtype} if active("dtype-kwarg") else {"dtype": dtype}
+
+
+# ---------------------------------------------------------------- image-tokens
+
+
+def image_tokens_per_image(patches: int) -> int:
+    """How many `<image>` tokens stock `LlavaForConditionalGeneration` expects per image."""
+    return 1 if active("image-tokens") else patches
+
+
+# ---------------------------------------------------------------- rope-parameters
+
+
+def rope_theta(config: Any) -> float:
+    """The RoPE base of a Llama config; refuses scaled RoPE, which VTU does not implement."""
+    if active("rope-parameters"):
+        params = getattr(config, "rope_parameters", None) or {}
+        kind, theta = params.get("rope_type", "default"), params.get("rope_theta", 10000.0)
+    else:
+        scaling = getattr(config, "rope_scaling", None) or {}
+        kind, theta = scaling.get("rope_type", scaling.get("type", "default")), config.rope_theta
+    if kind not in (None, "default"):
+        raise DymuError(f"rope scaling type {kind!r} is not supported by dymu's VTU (LLaVA-1.5 uses none)")
+    return float(theta)
+
+
+# ---------------------------------------------------------------- cache-format, cache-layers, cache-keyword
+
+
+def new_cache(model: torch.nn.Module, keys: list[torch.Tensor], values: list[torch.Tensor]) -> Any:
+    """The cache `model.generate` takes here, holding per-layer (B, H_kv, N, d) tensors: tuples
+    for `LlavaForConditionalGeneration` before 4.38, else a `DynamicCache`."""
+    if active("cache-format") and not getattr(model, "_supports_cache_class", True):
+        return tuple(zip(keys, values, strict=True))
+    cache = DynamicCache()
+    for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+        cache.update(k, v, layer)
+    return cache
+
+
+def cache_tensors(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer (keys, values) of any cache this transformers hands out."""
+    if isinstance(cache, (tuple, list)):  # the tuple caches of the cache-format era
+        return [kv[0] for kv in cache], [kv[1] for kv in cache]
+    if active("cache-layers"):
+        return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+    return list(cache.key_cache), list(cache.value_cache)
+
+
+def cache_length(cache: Any) -> int:
+    """Tokens held by a cache."""
+    return int(cache_tensors(cache)[0][0].shape[-2])
+
+
+def cache_keyword() -> str:
+    """The generate / forward keyword that carries the cache."""
+    return "cache" if active("cache-keyword") else "past_key_values"
+
+
+# ---------------------------------------------------------------- causal-mask, mask-helper
+
+
+def causal_mask(decoder: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                past_key_values: Any = None) -> torch.Tensor:  # fmt: skip
+    """The decoder's own causal + padding mask for a prefill, as a boolean (B, 1, q, kv) "may
+    attend" tensor, through this transformers' masking API: `create_causal_mask` by keyword
+    (causal-mask; its keyword names are read from its signature), the era's helper
+    (mask-helper), else `LlamaModel._update_causal_mask` (4.41-4.52)."""
+    bsz, q = inputs_embeds.shape[:2]
+    past = 0 if past_key_values is None else cache_length(past_key_values)
+    cache_position = torch.arange(past, past + q, device=inputs_embeds.device)
+    if active("causal-mask"):
+        params = inspect.signature(create_causal_mask).parameters
+        kwargs: dict[str, Any] = {"config": decoder.config, "attention_mask": attention_mask}
+        kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = inputs_embeds
+        kwargs["cache" if "cache" in params else "past_key_values"] = past_key_values
+        if "cache_position" in params:
+            kwargs["cache_position"] = cache_position
+        if "position_ids" in params:
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -q:]
+        mask = create_causal_mask(**kwargs)
+    elif active("mask-helper"):
+        mask = _prepare_4d_causal_attention_mask(attention_mask, (bsz, q), inputs_embeds, past)
+    else:
+        mask = decoder._update_causal_mask(
+            attention_mask, inputs_embeds, cache_position, past_key_values, False
+        )
+    kv = attention_mask.shape[1]
+    if mask is None:  # the model would use plain causal attention (or build it itself)
+        return (
+            torch.ones(q, kv, dtype=torch.bool, device=attention_mask.device).tril(kv - q)[None, None]
+            & attention_mask.bool()[:, None, None]
+        )
+    if hasattr(mask, "to_dense"):  # flex BlockMask
+        mask = mask.to_dense()
+    if mask.dtype != torch.bool:
+        mask = mask > torch.finfo(mask.dtype).min / 2
+    return mask.expand(bsz, 1, q, kv)
+
+
+# ---------------------------------------------------------------- weights-only, safetensors
+
+
+def safe_load(path: Any, **kwargs: Any) -> Any:
+    """`torch.load` that only ever reads tensors and plain containers."""
+    kwargs.pop("weights_only", None)
+    return torch.load(path, weights_only=True, **kwargs)
+
+
+def bin_blocked() -> bool:
+    """True where transformers refuses `.bin` weights (>= 4.52 on torch < 2.6): dymu then refuses
+    them up front and names `dymu convert` (the safetensors fix)."""
+    return active("safetensors")

@@ -1,0 +1,41 @@
+"""Runtime switches of the fast paths, in one object passed through the API and the CLI.
+
+Every fast path keeps its plain path and can be switched off here; none is read from the
+environment, so what ran is what the caller asked for. Ground floor: no torch, no versions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from .errors import DymuError
+
+
+@dataclass(frozen=True)
+class Options:
+    """How DyMU runs (never what it computes, up to floating-point order).
+
+    - `fused_rope`: VTU's gather + RoPE + head-major write as one Triton kernel (CUDA only);
+      off: the torch ops.
+    - `cuda_graphs`: replay the DToMe tower as captured CUDA graph segments (CUDA only);
+      off: eager blocks.
+    - `graph_segment`: blocks per captured segment (fewer: more padding trimmed, more syncs).
+    - `deterministic_remerge`: VTU's group mean as an assignment matmul (fixed reduction
+      order, no CUDA atomics) instead of `index_add_`.
+    """
+
+    fused_rope: bool = True
+    cuda_graphs: bool = True
+    graph_segment: int = 4
+    deterministic_remerge: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.graph_segment, int) or self.graph_segment < 1:
+            raise DymuError(f"graph_segment={self.graph_segment!r}: must be a positive integer of blocks")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+DEFAULT = Options()
