@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from .api import format_prompt, load
-from .bench import tower as tower_bench
+from .bench import command as bench_command
+from .bench import importers
 from .blocks import layers_to_run
 from .calibration import calibrate, merge_schedule
 from .checkpoints import convert_to_safetensors
@@ -235,8 +236,13 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Benchmarks; `tower` times stock CLIP against the DToMe tower."""
-    return tower_bench.main(args.rest)
+    """Stock vs DyMU on a data file (their format), side by side; `tower` / `llava`: microbenchmarks."""
+    return bench_command.main(args.rest)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Write a benchmark data file (their format, with answers) from VLMEvalKit / COCO files."""
+    return importers.main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,13 +300,27 @@ def build_parser() -> argparse.ArgumentParser:
     mat.set_defaults(func=cmd_matrix)
 
     bench = sub.add_parser("bench", help=cmd_bench.__doc__, add_help=False)
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for python -m dymu.bench.tower")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="see dymu bench --help")
     bench.set_defaults(func=cmd_bench)
+
+    data = sub.add_parser("data", help=cmd_data.__doc__, add_help=False)
+    data.add_argument(
+        "rest", nargs=argparse.REMAINDER, help="mmbench --tsv F --out F | coco ... (see dymu data --help)"
+    )
+    data.set_defaults(func=cmd_data)
     return parser
 
 
+# commands whose own parser takes every argument (argparse's REMAINDER drops leading options)
+PASS_THROUGH = {"bench": cmd_bench, "data": cmd_data}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASS_THROUGH:
+        args = argparse.Namespace(func=PASS_THROUGH[argv[0]], rest=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except DymuError as err:

@@ -13,13 +13,14 @@ Batches are left-padded (the virtual sequence and the merged one), with position
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import GenerationMixin
 
-from .compat.shims import cache_keyword, causal_mask, new_cache, rope_theta
+from .compat.shims import cache_keyword, cache_tensors, causal_mask, new_cache, rope_theta
 from .errors import DymuError
 from .families import LlavaParts, split_at_image
 from .options import DEFAULT, Options
@@ -27,6 +28,7 @@ from .tower import TowerOutput, encode_images
 from .vtu import additive_mask, vtu_prefill
 
 VTU_MODES = ("fast", "none")
+StageHook = Callable[[str], None]
 
 
 @dataclass
@@ -37,7 +39,7 @@ class PreparedBatch:
     virtual_ids: torch.Tensor  # (B, N) left-padded; image positions hold parts.image_token_id
     attention_mask: torch.Tensor  # (B, N)
     visual_tokens: list[int]  # merged visual tokens per sample (what the LLM's row-wise layers see)
-    tower: TowerOutput
+    tower: TowerOutput | None  # None for the stock prefill
 
 
 def virtual_mask(decoder: torch.nn.Module, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -57,8 +59,12 @@ def prepare(
     thresholds: torch.Tensor | None,
     vtu: str = "fast",
     options: Options = DEFAULT,
+    on_stage: StageHook | None = None,
 ) -> PreparedBatch:
-    """Run the DyMU prefill for a batch of prompts (one image each) and fill the cache."""
+    """Run the DyMU prefill for a batch of prompts (one image each) and fill the cache.
+
+    `on_stage("vision")` is called once the merged features are projected, so a benchmark can
+    mark the stage edge (the prefill ends when this returns)."""
     if vtu not in VTU_MODES:
         raise DymuError(f"vtu={vtu!r} is not one of {', '.join(VTU_MODES)}")
     if len(prompt_ids) != pixel_values.shape[0]:
@@ -70,6 +76,8 @@ def prepare(
                           options)  # fmt: skip
     projected = parts.projector(tower.padded.to(dtype))
     patches = tower.mapping[0].numel()
+    if on_stage is not None:
+        on_stage("vision")
 
     merged_rows, idx_rows, virtual_ids = [], [], []
     for i, ids in enumerate(prompt_ids):
@@ -114,6 +122,47 @@ def prepare(
     )
     visual = [int(n) for n in tower.num_tokens]
     return PreparedBatch(new_cache(parts.model, out.keys, out.values), ids_out, mask, visual, tower)
+
+
+@torch.no_grad()
+def stock_prepare(
+    parts: LlavaParts,
+    prompt_ids: list[list[int]],
+    pixel_values: torch.Tensor,
+    on_stage: StageHook | None = None,
+) -> PreparedBatch:
+    """Stock LLaVA's prefill (HF CLIP, all 576 image rows, the decoder's own forward and mask) into
+    a cache of the same shape `prepare` fills, so both modes decode through one path. The greedy
+    tokens equal the family's own generate (tests check both families)."""
+    if len(prompt_ids) != pixel_values.shape[0]:
+        raise DymuError(f"{len(prompt_ids)} prompts but {pixel_values.shape[0]} images")
+    device = parts.decoder.embed_tokens.weight.device
+    dtype = parts.decoder.embed_tokens.weight.dtype
+    pixels = pixel_values.to(device, next(parts.vision.parameters()).dtype)
+    hidden = parts.vision(pixel_values=pixels, output_hidden_states=True).hidden_states[parts.feature_layer]
+    features = parts.projector(hidden[:, 1:].to(dtype))
+    if on_stage is not None:
+        on_stage("vision")
+    rows, virtual_ids = [], []
+    for i, ids in enumerate(prompt_ids):
+        before, after = split_at_image(ids)
+        text = parts.decoder.embed_tokens(torch.tensor(before + after, device=device))
+        rows.append(torch.cat([text[: len(before)], features[i], text[len(before) :]]))
+        virtual_ids.append(before + [parts.image_token_id] * features.shape[1] + after)
+    bsz, width = len(rows), max(len(v) for v in virtual_ids)
+    embeds = torch.zeros(bsz, width - 1, rows[0].shape[-1], dtype=dtype, device=device)
+    mask = torch.zeros(bsz, width, dtype=torch.long, device=device)
+    ids_out = torch.full((bsz, width), parts.image_token_id, dtype=torch.long, device=device)
+    for b, (row, vids) in enumerate(zip(rows, virtual_ids, strict=True)):
+        embeds[b, width - len(vids) :] = row[:-1]
+        mask[b, width - len(vids) :] = 1
+        ids_out[b, width - len(vids) :] = torch.tensor(vids, device=device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, :-1]
+    out = parts.decoder(
+        inputs_embeds=embeds, attention_mask=mask[:, :-1], position_ids=positions, use_cache=True
+    )
+    keys, values = cache_tensors(out.past_key_values)
+    return PreparedBatch(new_cache(parts.model, keys, values), ids_out, mask, [features.shape[1]] * bsz, None)
 
 
 @torch.no_grad()

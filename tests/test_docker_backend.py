@@ -28,7 +28,7 @@ def test_container_script_installs_the_cells_pins_and_runs_the_runner() -> None:
     )
     broken = backends.container_script("seed-no-mask", CELLS["cells"]["seed-no-mask"])
     assert "--python python3.10" in broken and broken.rstrip().endswith("--disable-fixes causal-mask")
-    assert "-e /tmp/work" in script  # the runner finds the golden file next to the source copy
+    assert "-e '/tmp/work[test]'" in script  # the runner finds the golden file next to the source copy
 
 
 def test_docker_backend_reports_why_it_cannot_run(monkeypatch, tmp_path) -> None:
@@ -124,7 +124,7 @@ def test_compose_bench_runs_the_latest_cells_stack_on_the_gpus() -> None:
     assert args["BASE_IMAGE"] == f"${{DYMU_DOCKER_BASE:-{latest['image']}}}"
     assert services["bench"]["build"]["target"] == "bench"
     assert services["bench"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
-    assert services["bench"]["command"][:3] == ["python", "-m", "dymu.bench.llava"]
+    assert services["bench"]["command"][:3] == ["dymu", "bench", "--model-path"]
     assert services["bench-cpu"]["profiles"] == ["cpu"] and "deploy" not in services["bench-cpu"]
 
 

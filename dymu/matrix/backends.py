@@ -86,7 +86,7 @@ def container_script(name: str, cell: dict[str, Any]) -> str:
         f"uv venv -q /tmp/cell --python python{cell['python']}",
         "export VIRTUAL_ENV=/tmp/cell PATH=/tmp/cell/bin:$PATH",
         f"uv pip install -q {reqs}",
-        "uv pip install -q -e /tmp/work",
+        "uv pip install -q -e '/tmp/work[test]'  # jsonschema: the bench stage validates its report",
         *([f"uv pip install -q --no-deps {legacy}"] if legacy else []),
         "python -m dymu.matrix.runner " + shlex.join(runner_args(name, cell, f"/out/{name}.json", "docker")),
     ]  # fmt: skip

@@ -103,6 +103,9 @@ def run(cell: str, out: Path, golden: Path, bench: bool = True, full_size: bool 
             steps.append(("bench", stages.stage_bench))
         if full_size:
             steps.append(("full-size", stages.stage_full_size))
+            if stages.torch.cuda.is_available():  # `dymu bench` at the real shapes, random weights
+                steps.append(("bench-full", lambda: stages.stage_bench("random:llava-1.5-7b", "cuda", "bfloat16",
+                                                                        limit=6, max_new_tokens=16)))  # fmt: skip
         for name, fn in steps:
             try:
                 value = fn()

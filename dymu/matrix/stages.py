@@ -3,21 +3,22 @@ that cannot import torch, transformers or dymu still leaves a result saying so).
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..api import format_prompt, load
-from ..bench.timing import time_side_by_side
+from ..bench.data import SAMPLE_DATA, load_data_file
+from ..bench.report import SCHEMA_FILE
+from ..bench.report import build as build_report
+from ..bench.run import BenchConfig
+from ..bench.run import run as run_bench
 from ..compat.checks import check_all
 from ..compat.shims import bin_blocked
 from ..errors import DymuError
-from ..families.hf import stock_inputs
-from ..generation import generate_prepared
-from ..testing.sample_images import make_sample_images
-from ..testing.tiny import ensure_tiny_checkpoints
 from ..versions import installed
 from .full_size import stage_full_size
 from .golden import CASES, case_family, compare, load_golden, run_case
@@ -75,24 +76,31 @@ def _summarize(cases: dict[str, Any]) -> dict[str, Any]:
     return {"status": "fail" if "fail" in statuses else "pass", "cases": cases}
 
 
-def stage_bench(repeats: int = 5) -> dict[str, Any]:
-    """Stock vs DyMU greedy generation on the tiny llava-hf model, same process (CPU or GPU)."""
-
-    path = ensure_tiny_checkpoints()["llava-hf-tiny-safetensors"]
-    model = load(path, thresholds=torch.tensor(load_golden()["thresholds"]))
-    prompts = [format_prompt("What is in the picture?")] * 4
-    images = make_sample_images(4)
-    ids = [model.tokenize(p) for p in prompts]
-    stock_in = stock_inputs(model.parts, ids, model.pixel_values(images))
-
-    def stock() -> object:
-        with torch.no_grad():
-            return model.model.generate(**stock_in, max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                                        pad_token_id=0)  # fmt: skip
-
-    def dymu() -> object:
-        return generate_prepared(model.parts, model.prepare(prompts, images), 8, min_new_tokens=8)
-
-    stats = time_side_by_side({"stock": stock, "dymu": dymu}, torch.device("cpu"), warmup=1, repeats=repeats)
-    return {"status": "pass", "what": "tiny llava-hf, batch 4, 8 new tokens, random weights",
-            "latency": stats, "ratio_stock_over_dymu": stats["stock"]["mean_ms"] / stats["dymu"]["mean_ms"]}  # fmt: skip
+def stage_bench(model_path: str = "tiny", device: str = "cpu", dtype: str = "float32", limit: int = 6,
+                max_new_tokens: int = 8, batch_size: int = 1) -> dict[str, Any]:  # fmt: skip
+    """`dymu bench` itself, stock and DyMU side by side on the packaged sample data; the report must
+    validate against the schema (the GPU stage runs it on the full-size random model)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = BenchConfig(model_path=model_path, data_file=str(SAMPLE_DATA), max_new_tokens=max_new_tokens,
+                          report_file=str(Path(tmp) / "report.json"), limit=limit, device=device, dtype=dtype,
+                          batch_size=batch_size, ignore_eos=True, progress=False)  # fmt: skip
+        info, rows, _ = run_bench(cfg, ["dymu", "bench", "(matrix cell)"])
+        report = build_report(info, rows, load_data_file(SAMPLE_DATA), False)
+    try:
+        import jsonschema  # noqa: PLC0415 - optional dependency (the test extra)
+    except ImportError:
+        schema = "not checked: jsonschema is not installed"
+    else:
+        jsonschema.validate(report, json.loads(SCHEMA_FILE.read_text()))
+        schema = "valid"
+    ratios = report["comparison"]["dymu"]["ratios"]
+    failed = [r for m in report["modes"].values() for r in m["samples"] if r["failed"]]
+    return {
+        "status": "fail" if failed else "pass", "what": f"dymu bench: {model_path}, packaged sample data, "
+        f"batch {batch_size}, {max_new_tokens} new tokens",
+        "summary": {name: {k: m["summary"][k] for k in ("e2e_p50", "ttft_p50", "tbt_p50", "avg_input_len")}
+                    | {"visual_tokens": m["visual_tokens"].get("mean")} for name, m in report["modes"].items()},
+        "stages_ms": {name: {k: v["mean"] for k, v in m["stages"].items()} for name, m in report["modes"].items()},
+        "ratios": {k: (v or {}).get("ratio") for k, v in ratios.items()},
+        "ratio_stock_over_dymu": (ratios["e2e"] or {}).get("ratio"), "failed_samples": len(failed), "schema": schema,
+    }  # fmt: skip

@@ -91,13 +91,14 @@ def random_clip(
 
 
 def random_llava(
-    size: str, device: torch.device | str, dtype: torch.dtype, seed: int = 0
+    size: str, device: torch.device | str, dtype: torch.dtype, seed: int = 0, image_token_index: int = 32000
 ) -> LlavaForConditionalGeneration:
-    """A random-weight LLaVA-1.5 (`LlavaForConditionalGeneration`) built directly on `device`."""
+    """A random-weight LLaVA-1.5 (`LlavaForConditionalGeneration`) built directly on `device`;
+    `image_token_index` lets a smaller tokenizer's `<image>` id stand in for llava-hf's 32000."""
     vision = CLIPVisionConfig(image_size=336, patch_size=14, num_hidden_layers=24, hidden_act="quick_gelu",
                               **CLIP_GEOMETRIES["full" if size == "full" else "small"])  # fmt: skip
     text = LlamaConfig(vocab_size=32064, max_position_embeddings=4096, **LLAMA_SIZES[size])
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_index,
                       projector_hidden_act="gelu", vision_feature_layer=-2)  # fmt: skip
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
