@@ -23,7 +23,9 @@ from torch import nn
 from .blocks import MergeRule, TokenState, embed, run_blocks
 
 BUCKET = 32  # token slots are trimmed to a multiple of this, bounding the number of graphs
-_MAX_GRAPHS_PER_TOWER = 96
+# one batch shape needs up to (segments - 1) x (577 / BUCKET) + 1 ~ 96 graphs at LLaVA's geometry: room for
+# a few batch shapes, so a long run stops capturing once every bucket has been seen
+_MAX_GRAPHS_PER_TOWER = 320
 
 
 class CapturedCall:
@@ -54,6 +56,7 @@ class _TowerGraphs:
         self.pool = None
         self.calls: OrderedDict[tuple, CapturedCall] = OrderedDict()
         self.failed: set[tuple] = set()
+        self.captures = 0  # graphs captured so far (each costs far more than a replay)
 
     def call(
         self, key: tuple, fn: Callable, inputs: tuple[torch.Tensor, ...]
@@ -67,6 +70,7 @@ class _TowerGraphs:
             try:
                 self.pool = self.pool or torch.cuda.graph_pool_handle()
                 captured = CapturedCall(fn, inputs, self.pool)
+                self.captures += 1
             except RuntimeError as err:  # capture unsupported on this stack: fall back to eager
                 self.failed.add(key)
                 warnings.warn(
@@ -81,6 +85,13 @@ class _TowerGraphs:
 
 
 _towers: weakref.WeakKeyDictionary[nn.Module, _TowerGraphs] = weakref.WeakKeyDictionary()
+
+
+def capture_count(vision_model: nn.Module) -> int:
+    """CUDA graphs captured so far for a tower (a benchmark reports captures inside timed samples)."""
+    return sum(
+        graphs.captures for vt, graphs in _towers.items() if any(m is vt for m in vision_model.modules())
+    )
 
 
 def _bucket(state: TokenState) -> int:

@@ -189,7 +189,9 @@ def test_a_planted_delay_appears_in_its_own_stage_only(tmp_path, monkeypatch) ->
 
 def test_modes_parse_variants_and_refuse_nonsense() -> None:
     modes = bench_run.parse_modes("stock,dymu,dymu-none:vtu=none", "fast", None)
-    assert [(m.name, m.kind, m.vtu) for m in modes] == [("stock", "stock", "fast"), ("dymu", "dymu", "fast"),
+    modes += bench_run.parse_modes("dymu-eager:graphs=off;vtu=none", "fast", None)
+    assert modes[-1].options.cuda_graphs is False and modes[-1].options.fused_rope and modes[-1].vtu == "none"
+    assert [(m.name, m.kind, m.vtu) for m in modes[:3]] == [("stock", "stock", "fast"), ("dymu", "dymu", "fast"),
                                                         ("dymu-none", "dymu", "none")]  # fmt: skip
     with pytest.raises(DymuError, match="given twice"):
         bench_run.parse_modes("dymu,dymu", "fast", None)
@@ -211,3 +213,11 @@ def test_microbenchmarks_stay_available_as_subcommands(capsys) -> None:
     with pytest.raises(SystemExit) as done:
         bench_main(["tower", "--help"])
     assert done.value.code == 0 and "--geometry" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "reports" / "gpu" / "bench").glob("*_b[0-9].json")),
+                         ids=lambda p: p.name)  # fmt: skip
+def test_committed_gpu_reports_are_strict_json_and_valid(path: Path) -> None:
+    report = strict_json(path)
+    validate(report)
+    assert report["run"]["device"].startswith("NVIDIA H") and "RANDOM" in report["run"]["weights"]

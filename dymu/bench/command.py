@@ -38,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="1 = latency; larger = throughput (labelled)")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--offset", type=int, default=0)
-    p.add_argument("--warmup", type=int, default=1, help="samples run per mode before timing (not reported)")
+    p.add_argument("--warmup", type=int, default=1, help="batches (of --batch-size) run per mode before timing; "
+                   "not reported")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (every mode)")
     p.add_argument("--image-root", help="folder relative image paths are resolved against first")

@@ -92,7 +92,7 @@ def sample_entry(row: dict[str, Any]) -> dict[str, Any]:
         return {"index": row["index"], "failed": True, "error": row.get("error", "")}
     keep = ("index", "e2e", "ttft", "tbt", "vram", "out_len", "in_len", "failed", "text", "token_ids", "text_tokens",
             "visual_tokens", "virtual_len", "per_layer_tokens", "stages_ms", "itl_ms", "vram_reserved", "batch",
-            "batch_size", "oom_retries")  # fmt: skip
+            "batch_size", "oom_retries", "graph_captures")  # fmt: skip
     return {k: row[k] for k in keep if k in row}
 
 
@@ -182,6 +182,7 @@ def build(
                        for stage in STAGES},
             "itl_ms": stats([x for r in mode_rows if not r["failed"] for x in r["itl_ms"]]),
             "visual_tokens": visual_token_stats(mode_rows),
+            "graph_captures": sum(r.get("graph_captures", 0) for r in mode_rows if not r["failed"]),
             "quality": quality(mode_rows, data, random_weights),
             "samples": [sample_entry(r) for r in mode_rows],
         }  # fmt: skip
@@ -209,15 +210,17 @@ def markdown(report: dict[str, Any]) -> str:
              f"{run['device']}, {run['dtype']}, torch {run['torch']}, transformers {run['transformers']}; weights: "
              f"{run['weights']}; {run['batch_kind']}; max_new_tokens {run['settings']['max_new_tokens']}"
              + (" (PARTIAL: interrupted)" if report["partial"] else ""), "",
+             "Means over samples (ms). Graph captures: CUDA graphs the DToMe tower captured inside timed samples "
+             "(each new padded shape is captured once, then replayed).", "",
              "| mode | samples | visual tokens | vision ms | prefill ms | TTFT ms | TPOT ms | e2e ms | out len | "
-             "VRAM MB |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "VRAM MB | graph captures |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, mode in report["modes"].items():
         st, vt = mode["stages"], mode["visual_tokens"]
         lines.append(f"| {name} | {mode['summary']['samples_ok']} | {_fmt(vt.get('mean'))} | "
                      f"{_fmt(st['vision']['mean'], digits=2)} | {_fmt(st['prefill']['mean'], digits=2)} | "
                      f"{_fmt(st['ttft']['mean'], digits=2)} | {_fmt(st['tpot']['mean'], digits=2)} | "
                      f"{_fmt(st['e2e']['mean'], digits=1)} | {_fmt(mode['summary']['avg_output_len'])} | "
-                     f"{_fmt(mode['summary']['vram_max_mb'], digits=0)} |")  # fmt: skip
+                     f"{_fmt(mode['summary']['vram_max_mb'], digits=0)} | {mode['graph_captures']} |")  # fmt: skip
     for name, comp in report["comparison"].items():
         lines += ["", f"## {comp['baseline']} / {name} (> 1: {name} faster; paired bootstrap 95% interval)", "",
                   "| stage | ratio | 95% interval |", "|---|---|---|"]  # fmt: skip

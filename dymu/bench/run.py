@@ -17,7 +17,7 @@ import platform
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,11 @@ from transformers import AutoTokenizer, LogitsProcessorList
 
 from ..api import DymuLlava, apply, format_prompt, load
 from ..calibration import calibrate
+from ..cuda_graph import capture_count
 from ..errors import DymuError
 from ..generation import PreparedBatch, generate_prepared, prepare, stock_prepare
 from ..images import load_image
+from ..options import Options
 from ..testing.builders import clip_processor, random_llava
 from ..testing.tiny import ensure_tiny_checkpoints
 from ..thresholds import load_thresholds, save_thresholds
@@ -60,10 +62,15 @@ class Mode:
     vtu: str = "fast"
     thresholds_file: str | None = None
     thresholds: torch.Tensor | None = field(default=None, repr=False)
+    options: Options | None = None  # None: the model's own
+
+
+MODE_KEYS = ("vtu", "thresholds", "graphs", "fused")
 
 
 def parse_modes(spec: str, default_vtu: str, default_thresholds: str | None) -> list[Mode]:
-    """`stock,dymu,dymu-none:vtu=none,dymu-b:thresholds=b.pth` -> modes (names unique)."""
+    """`stock,dymu,dymu-none:vtu=none,dymu-b:thresholds=b.pth,dymu-eager:graphs=off` -> modes (names
+    unique); `graphs` / `fused` switch the tower's CUDA graphs / VTU's fused kernel for one mode."""
     modes: list[Mode] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, opts = part.partition(":")
@@ -71,14 +78,18 @@ def parse_modes(spec: str, default_vtu: str, default_thresholds: str | None) -> 
         mode = Mode(name, kind, default_vtu, default_thresholds if kind == "dymu" else None)
         for opt in filter(None, opts.split(";")):
             key, _, value = opt.partition("=")
-            if kind == "stock" or key not in ("vtu", "thresholds") or not value:
-                raise DymuError(
-                    f"--modes: {part!r}: unknown option {opt!r}; use name:vtu=none or name:thresholds=FILE"
-                )
+            if kind == "stock" or key not in MODE_KEYS or not value:
+                raise DymuError(f"--modes: {part!r}: unknown option {opt!r}; use NAME:{'|'.join(MODE_KEYS)}=VALUE "
+                                "(several joined by ';')")  # fmt: skip
             if key == "vtu":
                 mode.vtu = value
-            else:
+            elif key == "thresholds":
                 mode.thresholds_file = value
+            elif value not in ("on", "off"):
+                raise DymuError(f"--modes: {part!r}: {key} must be on or off")
+            else:
+                field_name = {"graphs": "cuda_graphs", "fused": "fused_rope"}[key]
+                mode.options = replace(mode.options or Options(), **{field_name: value == "on"})
         if any(m.name == name for m in modes):
             raise DymuError(f"--modes: {name!r} given twice; give each variant its own name")
         modes.append(mode)
@@ -218,6 +229,7 @@ def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[
               device: torch.device, batch_index: int) -> list[dict[str, Any]]:  # fmt: skip
     """One batch in one mode: stage edges, every step, counts and memory; one row per sample."""
     clock = StageClock(device)
+    captures = capture_count(model.parts.vision)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     clock.start()
@@ -245,6 +257,7 @@ def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[
         gen["min_new_tokens"] = cfg.max_new_tokens
     out = generate_prepared(model.parts, batch, cfg.max_new_tokens, **gen)
     clock.host_mark("end")
+    captures = capture_count(model.parts.vision) - captures
     vision_ms, prefill_ms = clock.between("start", "vision"), clock.between("vision", "prefill")
     gaps = clock.step_gaps()
     eos, pad = _eos_ids(model), getattr(model.tokenizer, "pad_token_id", None)
@@ -265,7 +278,7 @@ def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[
             "stages_ms": {"preprocess": clock.host["preprocess"] * 1e3, "vision": vision_ms, "prefill": prefill_ms,
                           "first_step": clock.first_step_ms("prefill"), "ttft": ttft * 1e3,
                           "tpot": (sum(itl) / len(itl)) if itl else None, "e2e": e2e * 1e3},
-            "itl_ms": itl,
+            "itl_ms": itl, "graph_captures": captures,
             "vram": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
             "vram_reserved": torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None,
         })  # fmt: skip
@@ -340,7 +353,8 @@ def run_info(cfg: BenchConfig, data: DataFile, device: torch.device, weights: st
         "argv": argv, "settings": cfg.settings(), "data_file": str(data.path), "data_sha256": data.sha256,
         "weights": weights, "device": device_name(device), "dtype": cfg.dtype, "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__, "code_revision": code_revision(),
-        "modes": [{"name": m.name, "kind": m.kind, "vtu": m.vtu, "thresholds": m.thresholds_file} for m in modes],
+        "modes": [{"name": m.name, "kind": m.kind, "vtu": m.vtu, "thresholds": m.thresholds_file,
+                   "options": asdict(m.options) if m.options else None} for m in modes],
         "timing": "CUDA events at stage edges, synchronised once per batch; TTFT and e2e are host times after "
         "synchronising" if device.type == "cuda" else "perf_counter on the CPU (synchronous)",
         "batch_kind": "latency (batch 1)" if cfg.batch_size == 1 else f"throughput (batch {cfg.batch_size}, "
@@ -389,8 +403,10 @@ def run(cfg: BenchConfig, argv: list[str]) -> tuple[dict[str, Any], list[dict[st
         if not done:
             out.write(json_line({"type": "settings", "settings": cfg.settings(), "data_sha256": data.sha256,
                                  "run": info}) + "\n")  # fmt: skip
-        warm = [s for s in data.samples[: cfg.warmup]]
-        for mode in modes:  # warm-up: kernels, allocator, CUDA graphs; never reported
+        warm = [data.samples[i % len(data.samples)] for i in range(cfg.warmup * cfg.batch_size)]
+        for (
+            mode
+        ) in modes:  # warm-up batches at the timed batch size: kernels, allocator, graphs; never reported
             for chunk in _batches(warm, cfg.batch_size):
                 try:
                     run_batch(model, mode, chunk, [i for s in chunk for i in _images(s, data, image_root)], cfg,
