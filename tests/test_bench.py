@@ -221,3 +221,41 @@ def test_committed_gpu_reports_are_strict_json_and_valid(path: Path) -> None:
     report = strict_json(path)
     validate(report)
     assert report["run"]["device"].startswith("NVIDIA H") and "RANDOM" in report["run"]["weights"]
+
+
+def test_their_data_file_shape_runs_with_an_image_root(tmp_path, monkeypatch) -> None:
+    """Their layout: relative `../../LMUData/images/COCO/<id>.jpg` paths, written for another cwd."""
+    images = tmp_path / "store" / "LMUData" / "images" / "COCO"
+    images.mkdir(parents=True)
+    sample = load_data_file(SAMPLE_DATA)
+    items = []
+    for i, s in enumerate(sample.samples[:2]):
+        source = SAMPLE_DATA.parent / s.image_paths[0]
+        (images / f"{9 + i}.jpg").write_bytes(source.read_bytes())
+        rel = f"../../LMUData/images/COCO/{9 + i}.jpg"
+        items.append({"index": 9 + i, "image_id": 9 + i, "dataset": "COCO_VAL", "image_paths": [rel],
+                      "text_prompt": s.text_prompt, "prompt_struct": [{"type": "image", "value": rel},
+                                                                      {"type": "text", "value": s.text_prompt}]})  # fmt: skip
+    data = tmp_path / "perf_data" / "coco_val_2.json"
+    data.parent.mkdir()
+    data.write_text(json.dumps({"meta": {"dataset": "COCO_VAL", "n": 2, "seed": 42}, "data": items}))
+    monkeypatch.chdir(tmp_path)  # from here the ../../ paths point nowhere
+    out = tmp_path / "report.json"
+    assert cli_main(["bench", "--data-file", str(data), "--image-root", str(tmp_path / "store" / "LMUData"),
+                     "--report-file", str(out), "--max-new-tokens", "2", "--no-progress", "--no-plots"]) == 0  # fmt: skip
+    report = strict_json(out)
+    assert report["meta"] == {"dataset": "COCO_VAL", "n": 2, "seed": 42}  # copied from their file
+    assert [s["index"] for s in report["modes"]["stock"]["samples"] if not s["failed"]] == [9, 10]
+
+
+def test_a_batch_that_runs_out_of_memory_is_retried_in_halves(tmp_path, monkeypatch) -> None:
+    real = bench_run.run_batch
+
+    def oom_above_one(model, mode, samples, *args, **kwargs):
+        if len(samples) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (planted)")
+        return real(model, mode, samples, *args, **kwargs)
+
+    monkeypatch.setattr(bench_run, "run_batch", oom_above_one)
+    _, rows, _ = bench_run.run(_cfg(tmp_path, limit=2, batch_size=2, modes="stock"), ["test"])
+    assert [(r["index"], r["failed"], r.get("oom_retries")) for r in rows] == [(0, False, 1), (1, False, 1)]

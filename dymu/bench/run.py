@@ -409,7 +409,7 @@ def run(cfg: BenchConfig, argv: list[str]) -> tuple[dict[str, Any], list[dict[st
         ) in modes:  # warm-up batches at the timed batch size: kernels, allocator, graphs; never reported
             for chunk in _batches(warm, cfg.batch_size):
                 try:
-                    run_batch(model, mode, chunk, [i for s in chunk for i in _images(s, data, image_root)], cfg,
+                    run_batch_with_oom_retry(model, mode, chunk, [i for s in chunk for i in _images(s, data, image_root)], cfg,
                               device, -1)  # fmt: skip
                 except DymuError:
                     continue
