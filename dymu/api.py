@@ -84,7 +84,7 @@ class DymuLlava:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         images = [images] if isinstance(images, (Image.Image, str, Path)) else list(images)
         batch = self.prepare(prompts, images)
-        out = generate_prepared(self.parts, batch, max_new_tokens, **kwargs)
+        out = generate_prepared(self.parts, batch, max_new_tokens, self.options, **kwargs)
         new = out.sequences[:, batch.virtual_ids.shape[1] :]
         answers = []
         for row, n_visual in zip(new.tolist(), batch.visual_tokens, strict=True):

@@ -20,7 +20,15 @@ from typing import Any
 import torch
 from transformers import GenerationMixin
 
-from .compat.shims import cache_keyword, cache_tensors, causal_mask, new_cache, rope_theta
+from .compat.shims import (
+    cache_keyword,
+    cache_tensors,
+    causal_mask,
+    new_cache,
+    rope_theta,
+    static_cache,
+    static_cache_supported,
+)
 from .errors import DymuError
 from .families import LlavaParts, split_at_image
 from .options import DEFAULT, Options
@@ -165,14 +173,37 @@ def stock_prepare(
     return PreparedBatch(new_cache(parts.model, keys, values), ids_out, mask, [features.shape[1]] * bsz, None)
 
 
+def decode_path(parts: LlavaParts, options: Options = DEFAULT) -> tuple[str, str]:
+    """("static" | "dynamic", why) for this model, device and transformers."""
+    unsupported = static_cache_supported(parts.model)
+    if options.decode == "static" and unsupported:
+        raise DymuError(f"decode='static': {unsupported}; use decode='dynamic'")
+    if options.decode == "dynamic":
+        return "dynamic", "asked for"
+    if options.decode == "static":
+        return "static", "asked for"
+    if unsupported:
+        return "dynamic", unsupported
+    if parts.decoder.embed_tokens.weight.device.type != "cuda":
+        return "dynamic", "auto: static decode pays off on CUDA (compiled step); this model is on the CPU"
+    return "static", "auto: CUDA and a StaticCache"
+
+
 @torch.no_grad()
-def generate_prepared(parts: LlavaParts, batch: PreparedBatch, max_new_tokens: int, **kwargs: Any):
-    """Greedy decode (fixed length) from a prepared batch with the model's own generate."""
+def generate_prepared(parts: LlavaParts, batch: PreparedBatch, max_new_tokens: int, options: Options = DEFAULT,
+                      **kwargs: Any):  # fmt: skip
+    """Decode from a prepared batch with the model's own generate (greedy unless asked otherwise),
+    from its dynamic cache or copied into a static one (`options.decode`)."""
     eos = kwargs.pop("eos_token_id", None)
+    cache = batch.cache
+    if decode_path(parts, options)[0] == "static":
+        keys, values = cache_tensors(cache)
+        cache = static_cache(parts.decoder.config, keys, values, batch.virtual_ids.shape[1] + max_new_tokens,
+                             batch.attention_mask[:, :-1])  # fmt: skip
     gen_kwargs = {
         "input_ids": batch.virtual_ids,
         "attention_mask": batch.attention_mask,
-        cache_keyword(): batch.cache,
+        cache_keyword(): cache,
         "max_new_tokens": max_new_tokens,
         "do_sample": False,
         "return_dict_in_generate": True,

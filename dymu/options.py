@@ -10,6 +10,8 @@ from dataclasses import dataclass, fields
 
 from .errors import DymuError
 
+DECODE_MODES = ("auto", "static", "dynamic")
+
 
 @dataclass(frozen=True)
 class Options:
@@ -22,14 +24,20 @@ class Options:
     - `graph_segment`: blocks per captured segment (fewer: more padding trimmed, more syncs).
     - `deterministic_remerge`: VTU's group mean as an assignment matmul (fixed reduction
       order, no CUDA atomics) instead of `index_add_`.
+    - `decode`: "static" decodes from a pre-allocated static KV cache (on CUDA the installed
+      transformers compiles that step), "dynamic" from the growing cache; "auto" (default) is
+      static on CUDA where this transformers supports it, else dynamic. Greedy tokens are the same.
     """
 
     fused_rope: bool = True
     cuda_graphs: bool = True
     graph_segment: int = 4
     deterministic_remerge: bool = False
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.decode not in DECODE_MODES:
+            raise DymuError(f"decode={self.decode!r}: use one of {', '.join(DECODE_MODES)}")
         if not isinstance(self.graph_segment, int) or self.graph_segment < 1:
             raise DymuError(f"graph_segment={self.graph_segment!r}: must be a positive integer of blocks")
 

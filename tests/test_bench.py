@@ -259,3 +259,11 @@ def test_a_batch_that_runs_out_of_memory_is_retried_in_halves(tmp_path, monkeypa
     monkeypatch.setattr(bench_run, "run_batch", oom_above_one)
     _, rows, _ = bench_run.run(_cfg(tmp_path, limit=2, batch_size=2, modes="stock"), ["test"])
     assert [(r["index"], r["failed"], r.get("oom_retries")) for r in rows] == [(0, False, 1), (1, False, 1)]
+
+
+def test_stock_variants_take_only_the_decode_switch() -> None:
+    modes = bench_run.parse_modes("stock,stock-dynamic:decode=dynamic,dymu:decode=static", "fast", None)
+    assert [(m.kind, m.options.decode if m.options else None) for m in modes] == [
+        ("stock", None), ("stock", "dynamic"), ("dymu", "static")]  # fmt: skip
+    with pytest.raises(DymuError, match="unknown option"):
+        bench_run.parse_modes("stock-x:vtu=none", "fast", None)

@@ -74,6 +74,31 @@ def test_batched_generation_equals_one_at_a_time(tiny_checkpoints, images, calib
 
 
 @pytest.mark.parametrize("family", FAMILY)
+def test_static_decode_gives_the_dynamic_decodes_greedy_tokens(
+    tiny_checkpoints, images, calibrated, family
+) -> None:
+    from dymu.compat.shims import static_cache_supported
+    from dymu.generation import decode_path, stock_prepare
+    from dymu.options import Options
+
+    model = dymu.load(_path(tiny_checkpoints, family), thresholds=calibrated)
+    if static_cache_supported(model.model):
+        with pytest.raises(dymu.DymuError, match="decode='static'"):
+            decode_path(model.parts, Options(decode="static"))
+        return
+    assert decode_path(model.parts, Options())[0] == "dynamic", "auto stays dynamic on the CPU"
+    prompts = [dymu.format_prompt(q) for q in QUESTIONS]
+    ids = [model.tokenize(p) for p in prompts]
+    pixels = model.pixel_values([images[0], images[1], images[5]])
+    for prepare_batch in (lambda: model.prepare(prompts, [images[0], images[1], images[5]]),
+                          lambda: stock_prepare(model.parts, ids, pixels)):  # fmt: skip
+        dynamic = generate_prepared(model.parts, prepare_batch(), NEW_TOKENS, Options(decode="dynamic"))
+        static = generate_prepared(model.parts, prepare_batch(), NEW_TOKENS, Options(decode="static"))
+        assert torch.equal(static.sequences, dynamic.sequences)
+        torch.testing.assert_close(static.scores[0], dynamic.scores[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILY)
 def test_vtu_none_feeds_only_merged_tokens(tiny_checkpoints, images, calibrated, family) -> None:
     model = dymu.load(_path(tiny_checkpoints, family), thresholds=calibrated, vtu="none")
     ids = model.tokenize(dymu.format_prompt(QUESTIONS[0]))

@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens (pure timing)")
+    p.add_argument("--decode", choices=["auto", "static", "dynamic"], default="auto",
+                   help="KV cache for decoding (auto: static on CUDA where supported); per mode: NAME:decode=static")  # fmt: skip
     p.add_argument(
         "--target-tokens", type=int, default=None, help="calibration target (default: patches / 8)"
     )
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, limit=args.limit, offset=args.offset, warmup=args.warmup, seed=args.seed,
         temperature=args.temperature, image_root=args.image_root, resume=args.resume, device=device,
         dtype=args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"), ignore_eos=args.ignore_eos,
+        decode=args.decode,
         target_tokens=args.target_tokens, progress=not args.no_progress,
     )  # fmt: skip
     info, rows, interrupted = run(cfg, ["dymu", "bench", *argv])

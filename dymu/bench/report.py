@@ -92,7 +92,7 @@ def sample_entry(row: dict[str, Any]) -> dict[str, Any]:
         return {"index": row["index"], "failed": True, "error": row.get("error", "")}
     keep = ("index", "e2e", "ttft", "tbt", "vram", "out_len", "in_len", "failed", "text", "token_ids", "text_tokens",
             "visual_tokens", "virtual_len", "per_layer_tokens", "stages_ms", "itl_ms", "vram_reserved", "batch",
-            "batch_size", "oom_retries", "graph_captures")  # fmt: skip
+            "batch_size", "oom_retries", "graph_captures", "decode")  # fmt: skip
     return {k: row[k] for k in keep if k in row}
 
 

@@ -31,7 +31,7 @@ from ..api import DymuLlava, apply, format_prompt, load
 from ..calibration import calibrate
 from ..cuda_graph import capture_count
 from ..errors import DymuError
-from ..generation import PreparedBatch, generate_prepared, prepare, stock_prepare
+from ..generation import PreparedBatch, decode_path, generate_prepared, prepare, stock_prepare
 from ..images import load_image
 from ..options import Options
 from ..testing.builders import clip_processor, random_llava
@@ -63,28 +63,33 @@ class Mode:
     thresholds_file: str | None = None
     thresholds: torch.Tensor | None = field(default=None, repr=False)
     options: Options | None = None  # None: the model's own
+    decode_given: bool = False
 
 
-MODE_KEYS = ("vtu", "thresholds", "graphs", "fused")
+MODE_KEYS = ("vtu", "thresholds", "graphs", "fused", "decode")
 
 
 def parse_modes(spec: str, default_vtu: str, default_thresholds: str | None) -> list[Mode]:
     """`stock,dymu,dymu-none:vtu=none,dymu-b:thresholds=b.pth,dymu-eager:graphs=off` -> modes (names
-    unique); `graphs` / `fused` switch the tower's CUDA graphs / VTU's fused kernel for one mode."""
+    unique; `stock` and `stock-*` are stock LLaVA); `graphs` / `fused` switch the tower's CUDA graphs /
+    VTU's fused kernel for one mode, `decode=static|dynamic` its KV cache."""
     modes: list[Mode] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, opts = part.partition(":")
-        kind = "stock" if name == "stock" else "dymu"
+        kind = "stock" if name == "stock" or name.startswith("stock-") else "dymu"
         mode = Mode(name, kind, default_vtu, default_thresholds if kind == "dymu" else None)
         for opt in filter(None, opts.split(";")):
             key, _, value = opt.partition("=")
-            if kind == "stock" or key not in MODE_KEYS or not value:
+            if key not in MODE_KEYS or not value or (kind == "stock" and key != "decode"):
                 raise DymuError(f"--modes: {part!r}: unknown option {opt!r}; use NAME:{'|'.join(MODE_KEYS)}=VALUE "
                                 "(several joined by ';')")  # fmt: skip
             if key == "vtu":
                 mode.vtu = value
             elif key == "thresholds":
                 mode.thresholds_file = value
+            elif key == "decode":
+                mode.options = replace(mode.options or Options(), decode=value)
+                mode.decode_given = True
             elif value not in ("on", "off"):
                 raise DymuError(f"--modes: {part!r}: {key} must be on or off")
             else:
@@ -118,6 +123,7 @@ class BenchConfig:
     device: str = "cpu"
     dtype: str = "float32"
     ignore_eos: bool = False
+    decode: str = "auto"
     target_tokens: int | None = None
     calibration_images: int = 64
     progress: bool = True
@@ -125,7 +131,7 @@ class BenchConfig:
     def settings(self) -> dict[str, Any]:
         """What must match for `--resume` to continue a run (not where the report goes)."""
         keep = ("model_path", "max_new_tokens", "thresholds", "modes", "vtu", "batch_size", "limit", "offset",
-                "seed", "temperature", "image_root", "device", "dtype", "ignore_eos", "target_tokens")  # fmt: skip
+                "seed", "temperature", "image_root", "device", "dtype", "ignore_eos", "decode", "target_tokens")  # fmt: skip
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
@@ -255,7 +261,9 @@ def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[
         gen.update(do_sample=True, temperature=cfg.temperature, top_p=1.0, top_k=0)
     if cfg.ignore_eos:
         gen["min_new_tokens"] = cfg.max_new_tokens
-    out = generate_prepared(model.parts, batch, cfg.max_new_tokens, **gen)
+    options = mode.options or model.options
+    decode = decode_path(model.parts, options)[0]
+    out = generate_prepared(model.parts, batch, cfg.max_new_tokens, options, **gen)
     clock.host_mark("end")
     captures = capture_count(model.parts.vision) - captures
     vision_ms, prefill_ms = clock.between("start", "vision"), clock.between("vision", "prefill")
@@ -278,7 +286,7 @@ def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[
             "stages_ms": {"preprocess": clock.host["preprocess"] * 1e3, "vision": vision_ms, "prefill": prefill_ms,
                           "first_step": clock.first_step_ms("prefill"), "ttft": ttft * 1e3,
                           "tpot": (sum(itl) / len(itl)) if itl else None, "e2e": e2e * 1e3},
-            "itl_ms": itl, "graph_captures": captures,
+            "itl_ms": itl, "graph_captures": captures, "decode": decode,
             "vram": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
             "vram_reserved": torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None,
         })  # fmt: skip
@@ -395,6 +403,10 @@ def run(cfg: BenchConfig, argv: list[str]) -> tuple[dict[str, Any], list[dict[st
         stream.unlink()
     modes = parse_modes(cfg.modes, cfg.vtu, cfg.thresholds)
     model, weights = load_target(cfg, device, dtype)
+    model.options = replace(model.options, decode=cfg.decode)
+    for mode in modes:  # a mode's own switches apply on top of the run's --decode
+        if mode.options is not None and not mode.decode_given:
+            mode.options = replace(mode.options, decode=cfg.decode)
     report_file.parent.mkdir(parents=True, exist_ok=True)
     for mode in modes:
         mode.thresholds = _thresholds_for(mode, model, cfg, data, image_root, report_file.parent)

@@ -232,6 +232,29 @@ def _negative_cache_keyword() -> None:
         _prefilled_generate(model, lambda k, v: shims.new_cache(model, k, v), keyword="past_key_values")
 
 
+# ---------------------------------------------------------------- static-cache
+
+
+def _verify_static_cache() -> str:
+    why = shims.static_cache_supported(tiny_hf_llava())
+    if why:
+        return f"static decode unavailable here ({why}); decode stays dynamic"
+    model = tiny_hf_llava()
+    dynamic, _ = _prefilled_generate(model, lambda k, v: shims.new_cache(model, k, v))
+    static, want = _prefilled_generate(
+        model, lambda k, v: shims.static_cache(model.config.get_text_config(), k, v, 16)
+    )
+    if not (torch.equal(static, dynamic) and torch.equal(static, want)):
+        raise AssertionError(
+            f"static decode {static.tolist()} != dynamic {dynamic.tolist()} / recomputed {want.tolist()}"
+        )
+    return "generate from a prefilled StaticCache equals the dynamic cache and greedy recomputation"
+
+
+def _negative_static_cache() -> None:
+    shims.StaticCache(config=tiny_llama().config, max_cache_len=16)  # the >= 4.56 constructor
+
+
 # ---------------------------------------------------------------- causal-mask, mask-helper
 
 
@@ -456,6 +479,7 @@ CHECKS: dict[str, Check] = {
     "cache-format": Check(_verify_cache_generate, _negative_cache_format),
     "cache-layers": Check(_verify_cache_layers, _negative_cache_layers),
     "cache-keyword": Check(_verify_cache_generate, _negative_cache_keyword),
+    "static-cache": Check(_verify_static_cache, _negative_static_cache),
     "causal-mask": Check(_verify_causal_mask, _negative_causal_mask),
     "mask-helper": Check(_verify_causal_mask, _negative_causal_mask),
     "dtype-kwarg": Check(_verify_dtype_kwarg, _negative_dtype_kwarg),

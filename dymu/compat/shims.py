@@ -11,6 +11,11 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+try:  # transformers >= 4.38
+    from transformers import StaticCache
+except ImportError:  # pragma: no cover - the reference cell
+    StaticCache = None
+
 from ..errors import DymuError
 from .registry import active, needed
 
@@ -78,6 +83,36 @@ def cache_tensors(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 def cache_length(cache: Any) -> int:
     """Tokens held by a cache."""
     return int(cache_tensors(cache)[0][0].shape[-2])
+
+
+def static_cache_supported(model: torch.nn.Module) -> str | None:
+    """None when `model` can decode from a static cache here, else why not."""
+    if StaticCache is None or (active("cache-format") and not getattr(model, "_supports_cache_class", True)):
+        return "this transformers has no StaticCache for this model (< 4.38)"
+    return None
+
+
+def static_cache(config: Any, keys: list[torch.Tensor], values: list[torch.Tensor], max_len: int,
+                 valid: torch.Tensor | None = None) -> Any:  # fmt: skip
+    """A `StaticCache` of `max_len` positions holding the given per-layer (B, H_kv, N, d) tensors at
+    positions 0..N-1 (the static-cache fix picks the constructor this transformers has).
+
+    `valid` (B, N) marks real positions: padded ones get keys of 1 (they are masked out anyway),
+    because some releases count a static cache's length from the non-zero keys of row 0, and a
+    left-padded row's padding keys can be exactly zero."""
+    bsz, _, n, _ = keys[0].shape
+    if valid is not None and not bool(valid.all()):
+        pad = ~valid.bool()[:, None, :, None]
+        keys = [k.masked_fill(pad, 1.0) for k in keys]
+    if active("static-cache"):
+        cache = StaticCache(config=config, max_batch_size=bsz, max_cache_len=max_len, device=keys[0].device,
+                            dtype=keys[0].dtype)  # fmt: skip
+    else:
+        cache = StaticCache(config=config, max_cache_len=max_len)
+    position = torch.arange(n, device=keys[0].device)
+    for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+        cache.update(k, v, layer, {"cache_position": position})
+    return cache
 
 
 def cache_keyword() -> str:

@@ -26,6 +26,7 @@ from ..families import FAMILIES
 from ..families.hf import stock_inputs
 from ..generation import generate_prepared, prepare
 from ..images import preprocess
+from ..options import Options
 from ..testing.builders import clip_processor, random_llava
 from ..testing.photos import bench_images
 
@@ -39,6 +40,7 @@ IDENTITY_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.5}
 ROUNDING_FACTOR = 2.0
 TARGET_TOKENS = 72
 TEXT_TOKENS = 40
+DYNAMIC = Options(decode="dynamic")  # the gates compare prefills; decode paths are compared in the bench
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -92,7 +94,7 @@ def dymu_run(
     cache = list(
         zip(*cache_tensors(batch.cache), strict=True)
     )  # generate() appends to the cache; these tensors stay as filled
-    logits = generate_prepared(parts, batch, 1).scores[0].float()
+    logits = generate_prepared(parts, batch, 1, DYNAMIC).scores[0].float()
     return PrefillRun(cache, logits, batch.visual_tokens)
 
 
@@ -155,7 +157,7 @@ def dymu_check(model: torch.nn.Module, parts: Any, ids: list[list[int]], pixels:
 
     stock = model(**stock_inputs(parts, ids, pixels)).logits[:, -1]
     batch = prepare(parts, ids, pixels, thresholds)
-    out = generate_prepared(parts, batch, new_tokens, min_new_tokens=new_tokens)
+    out = generate_prepared(parts, batch, new_tokens, DYNAMIC, min_new_tokens=new_tokens)
     patches = batch.tower.mapping[0].numel()
     per_layer = batch.tower.tokens_per_layer.tolist()
     problems = []
