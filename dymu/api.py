@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,13 +12,13 @@ import torch
 from PIL import Image
 
 from . import families
-from .checkpoints import check_weights
+from .checkpoints import check_sizes, check_weights
 from .errors import DymuError
 from .families import Family, LlavaParts, split_at_image
 from .generation import PreparedBatch, generate_prepared, prepare
 from .images import preprocess
 from .options import DEFAULT, Options
-from .thresholds import load_thresholds
+from .thresholds import load_thresholds, validate_thresholds
 
 SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -60,12 +61,17 @@ class DymuLlava:
 
     def tokenize(self, prompt: str) -> list[int]:
         """Prompt ids with the IMAGE placeholder, tokenized as the family's own code does."""
+        if self.tokenizer is None:
+            raise DymuError("this model has no tokenizer: pass tokenizer=... to dymu.apply (or tokenize yourself "
+                            "and call dymu.generation.prepare)")  # fmt: skip
         ids = self.family_impl.tokenize(self.tokenizer, prompt, self.parts)
         split_at_image(ids)  # exactly one <image>, followed by text
         return ids
 
     def pixel_values(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """The family's own preprocessing: llava-hf resizes/crops, liuhaotian pads to square first."""
+        if self.image_processor is None:
+            raise DymuError("this model has no image processor: pass image_processor=... to dymu.apply")
         return preprocess(images, self.image_processor, pad=self.parts.pad_image)
 
     def prepare(self, prompts: Sequence[str], images: Sequence[ImageInput]) -> PreparedBatch:
@@ -93,16 +99,30 @@ class DymuLlava:
         return answers
 
 
+def _caused_by(err: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of type `kind` in `err`'s cause/context chain."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _thresholds(thresholds: torch.Tensor | str | Path | None, parts: LlavaParts) -> torch.Tensor | None:
     layers = parts.vision.config.num_hidden_layers
     if thresholds is None:
         return None
     if isinstance(thresholds, (str, Path)):
         return load_thresholds(thresholds, num_layers=layers)
-    tau = torch.as_tensor(thresholds, dtype=torch.float32).reshape(-1)
-    if tau.numel() != layers:
-        raise DymuError(f"{tau.numel()} thresholds given for a {layers}-layer vision tower")
-    return tau
+    if isinstance(thresholds, torch.Tensor):
+        return validate_thresholds(thresholds, "thresholds", layers)
+    try:
+        tau = torch.tensor([float(v) for v in thresholds], dtype=torch.float64)
+    except (TypeError, ValueError):
+        raise DymuError("thresholds: expected a tensor, a file path or a list of numbers") from None
+    return validate_thresholds(tau, "thresholds", layers)
 
 
 def _build(family: Family, model: torch.nn.Module, thresholds, vtu: str, tokenizer: Any, image_processor: Any,
@@ -120,6 +140,9 @@ def apply(
     options: Options = DEFAULT,
 ) -> DymuLlava:
     """DyMU on an already-loaded LLaVA-1.5 model of either family (`thresholds=None`: stock)."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise DymuError(f"dymu.apply: expected a loaded LLaVA-1.5 model (torch module with a config), got "
+                        f"{type(model).__name__}")  # fmt: skip
     return _build(families.of_model(model), model, thresholds, vtu, tokenizer, image_processor, options)
 
 
@@ -133,7 +156,22 @@ def load(
     options: Options = DEFAULT,
 ) -> DymuLlava:
     """Load a LLaVA-1.5 checkpoint of either family and apply DyMU in one call."""
-    chosen = families.detect(model_path) if family == "auto" else families.get(family)
-    check_weights(model_path)
-    model, tokenizer, image_processor = chosen.load(Path(model_path), dtype, device)
+    path = Path(model_path)
+    config = families.read_config(path)
+    found = families.detect(path, config)
+    chosen = found if family == "auto" else families.get(family)
+    if chosen is not found:
+        raise DymuError(f"{path}: config.json describes a {found.name} checkpoint, not {family}; "
+                        f"pass --family auto (or {found.name})")  # fmt: skip
+    check_weights(path)
+    check_sizes(path, chosen.hidden_size(config))
+    try:
+        model, tokenizer, image_processor = chosen.load(path, dtype, device)
+    except (pickle.UnpicklingError, OSError) as err:  # transformers wraps torch's refusal in an OSError
+        refusal = _caused_by(err, pickle.UnpicklingError)
+        if refusal is None:
+            raise
+        first = str(refusal).strip().splitlines()[0][:160] if str(refusal).strip() else "refused"
+        raise DymuError(f"{path}: its .bin weights hold more than tensors and were not unpickled ({first}); "
+                        "convert trusted weights with `dymu convert` or use safetensors") from None  # fmt: skip
     return _build(chosen, model, thresholds, vtu, tokenizer, image_processor, options)

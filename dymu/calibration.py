@@ -69,6 +69,10 @@ def calibrate(
 
     Layers after `feature_layer` never run for LLaVA and get +inf (no merge).
     """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DymuError(f"batch_size={batch_size!r}: must be a positive integer")
+    if isinstance(images, torch.Tensor) and images.numel() == 0:
+        raise DymuError("calibration got an empty pixel tensor; pass (N, 3, H, W) pixels with N >= 1")
     vt = vision_transformer(vision_model)
     num_layers = len(vt.encoder.layers)
     n_run = layers_to_run(num_layers, feature_layer)

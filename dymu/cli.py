@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
-import json
 import platform
 import sys
 from pathlib import Path
@@ -19,11 +18,14 @@ from .blocks import layers_to_run
 from .calibration import calibrate, merge_schedule
 from .checkpoints import convert_to_safetensors
 from .compat.checks import check_all
+from .devices import device_from, dtype_from
 from .errors import DymuError
 from .families import read_config
 from .images import list_images, load_image, preprocess
+from .jsonsafe import dumps as strict_json
 from .matrix import report
 from .options import Options
+from .quiet import quiet_libraries
 from .testing.sample_images import make_sample_images
 from .testing.tiny import ensure_tiny_checkpoints
 from .thresholds import load_thresholds, save_thresholds
@@ -34,12 +36,13 @@ from .vision_loading import load_vision_tower
 EXIT_USAGE = 2
 
 
-def _dtype(name: str):
+def _dtype(name: str) -> torch.dtype:
+    return dtype_from(name)
 
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise DymuError(f"--dtype {name!r} is not a torch dtype; use float32, bfloat16 or float16")
-    return value
+
+def _device(name: str) -> str:
+    device_from(name)
+    return name
 
 
 def _fingerprint(items: list) -> str:
@@ -57,21 +60,27 @@ def _fingerprint(items: list) -> str:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Calibrate per-layer thresholds on an image folder (default: the tiny model and sample images)."""
+    if args.batch_size < 1:
+        raise DymuError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.out.is_dir():
+        raise DymuError(f"--out {args.out}: is a directory; name the thresholds file to write")
+    if not args.out.parent.is_dir():
+        raise DymuError(f"--out {args.out}: folder {args.out.parent} does not exist; create it first")
 
     if args.model is None:
         model_path = ensure_tiny_checkpoints()["clip"]
-        target = args.target_tokens or 16
+        target = 16 if args.target_tokens is None else args.target_tokens
         images: list = list_images(args.images) if args.images else make_sample_images(32, seed=0)
         print(
             f"using the embedded tiny LLaVA-1.5 CLIP tower ({model_path}); random weights, for testing only"
         )
     else:
         model_path = Path(args.model)
-        target = args.target_tokens or 72
+        target = 72 if args.target_tokens is None else args.target_tokens
         if args.images is None:
             raise DymuError("--images DIR is required with --model (a folder of calibration images)")
 
-    tower, processor = load_vision_tower(model_path, dtype=_dtype(args.dtype), device=args.device)
+    tower, processor = load_vision_tower(model_path, dtype=_dtype(args.dtype), device=_device(args.device))
     if args.model is not None:
         images = list_images(args.images)
     thresholds = calibrate(
@@ -118,7 +127,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "out": str(args.out),
     }
     if args.json:
-        print(json.dumps(summary))
+        print(strict_json(summary))
     else:
         print("per-layer thresholds:", " ".join(f"{t:.4f}" for t in summary["thresholds"]))
         c = summary["calibration_set_tokens"]
@@ -152,6 +161,9 @@ def options_from(args: argparse.Namespace) -> Options:
 def cmd_infer(args: argparse.Namespace) -> int:
     """Answer a prompt about one or more images with DyMU-LLaVA (default: the tiny model)."""
 
+    if args.max_new_tokens < 1:
+        raise DymuError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    _dtype(args.dtype), _device(args.device)
     if args.model_path is not None:
         read_config(args.model_path)  # fail on a bad model path before touching the images
     images = [load_image(p) for p in args.image] if args.image else None
@@ -174,7 +186,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if args.stock:
         thresholds = None
     model = load(model_path, thresholds=thresholds, vtu=args.vtu, family=args.family,
-                 dtype=_dtype(args.dtype), device=args.device, options=options_from(args))  # fmt: skip
+                 dtype=_dtype(args.dtype), device=_device(args.device), options=options_from(args))  # fmt: skip
     prompt = args.prompt if args.raw_prompt else format_prompt(args.prompt)
     answers = model.generate([prompt] * len(images), images, max_new_tokens=args.max_new_tokens)
     names = args.image or [f"sample-{i}" for i in range(len(images))]
@@ -183,7 +195,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         for name, a in zip(names, answers, strict=True)
     ]
     if args.json:
-        print(json.dumps({"model": str(model_path), "family": model.family, "vtu": args.vtu,
+        print(strict_json({"model": str(model_path), "family": model.family, "vtu": args.vtu,
                           "dymu": thresholds is not None, "results": rows}))  # fmt: skip
     else:
         print(
@@ -207,7 +219,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     info["patch_set"] = [f["fix"] for f in fixes if f["needed"] == "yes"]
     info["fixes"] = fixes
     if args.json:
-        print(json.dumps(info))
+        print(strict_json(info))
     else:
         for key, value in info.items():
             if key not in ("fixes", "patch_set"):
@@ -316,6 +328,7 @@ PASS_THROUGH = {"bench": cmd_bench, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASS_THROUGH:
         args = argparse.Namespace(func=PASS_THROUGH[argv[0]], rest=argv[1:])

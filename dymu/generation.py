@@ -194,6 +194,13 @@ def generate_prepared(parts: LlavaParts, batch: PreparedBatch, max_new_tokens: i
                       **kwargs: Any):  # fmt: skip
     """Decode from a prepared batch with the model's own generate (greedy unless asked otherwise),
     from its dynamic cache or copied into a static one (`options.decode`)."""
+    limit = getattr(parts.decoder.config, "max_position_embeddings", None)
+    prompt = batch.virtual_ids.shape[1]
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise DymuError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
+    if limit is not None and prompt + max_new_tokens > limit:
+        raise DymuError(f"max_new_tokens={max_new_tokens}: the prompt is {prompt} positions (text + image) and the "
+                        f"model's context is {limit}; ask for at most {max(0, limit - prompt)} new tokens")  # fmt: skip
     eos = kwargs.pop("eos_token_id", None)
     cache = batch.cache
     if decode_path(parts, options)[0] == "static":

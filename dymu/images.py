@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -26,11 +27,23 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)
+    except Image.DecompressionBombError as err:
+        raise DymuError(f"{path}: image too large to decode safely ({err}); pass a smaller image") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise DymuError(
             f"{path}: not a readable image ({type(err).__name__}); pass a PNG/JPEG file"
         ) from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. 16- and 32-bit integer images (e.g. 16-bit PNGs, mode I;16) are scaled to 8 bits:
+    PIL's own convert clips them, which turns most 16-bit photos white."""
+    if image.mode.startswith("I"):
+        pixels = np.asarray(image).astype(np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(pixels * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -65,7 +78,7 @@ def preprocess(images: Sequence[Image.Image | str | Path], processor: Any, pad: 
     """Pixel tensor (N, 3, H, W) exactly as LLaVA-1.5 feeds its vision tower."""
     fill = mean_fill(processor)
     pil = [img if isinstance(img, Image.Image) else load_image(img) for img in images]
-    pil = [pad_to_square(img.convert("RGB"), fill) if pad else img.convert("RGB") for img in pil]
+    pil = [pad_to_square(to_rgb(img), fill) if pad else to_rgb(img) for img in pil]
     return processor(images=pil, return_tensors="pt")["pixel_values"]
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import re
 from pathlib import Path
 
@@ -29,7 +28,7 @@ _FIX = "re-export it with `dymu calibrate` (safetensors) or pass a JSON list of 
 def _from_official(path: Path) -> torch.Tensor:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as err:
+    except Exception as err:  # whatever torch.load raises (KeyError for text, UnpicklingError, ...): refuse
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DymuError(
             f"{path}: refused to load: not a plain tensor checkpoint ({first[:160]}); {_FIX}"
@@ -50,6 +49,13 @@ def _from_official(path: Path) -> torch.Tensor:
         raise DymuError(f"{path}: no 'visual.transformer.resblocks.<i>.threshold' entries; {_FIX}")
     if sorted(found) != list(range(len(found))):
         raise DymuError(f"{path}: threshold layers {sorted(found)} are not 0..{len(found) - 1}; {_FIX}")
+    for i, value in found.items():
+        if value.numel() != 1:
+            raise DymuError(
+                f"{path}: layer {i}'s threshold has shape {tuple(value.shape)}, not one number; {_FIX}"
+            )
+        if not value.is_floating_point():
+            raise DymuError(f"{path}: layer {i}'s threshold is {value.dtype}, not a float; {_FIX}")
     return torch.stack([found[i].float().reshape(()) for i in range(len(found))])
 
 
@@ -93,16 +99,32 @@ def load_thresholds(path: str | Path, num_layers: int | None = None) -> torch.Te
         tau = _from_json(path)
     else:
         tau = _from_official(path)
-    tau = tau.detach().float().reshape(-1)
-    if tau.numel() == 0:
-        raise DymuError(f"{path}: contains no thresholds; {_FIX}")
-    if torch.isnan(tau).any():
+    return validate_thresholds(tau, str(path), num_layers)
+
+
+def validate_thresholds(tau: torch.Tensor, source: str, num_layers: int | None = None) -> torch.Tensor:
+    """The one check every thresholds source passes: a 1-D float tensor, one value per tower block,
+    each a cosine similarity in [-1, 1] or +inf ("never merge at this block"). Returns float32."""
+    if not isinstance(tau, torch.Tensor):
         raise DymuError(
-            f"{path}: thresholds contain NaN (layers {torch.isnan(tau).nonzero().flatten().tolist()})"
+            f"{source}: thresholds must be a tensor or a list of numbers, got {type(tau).__name__}"
         )
+    if not tau.is_floating_point():
+        raise DymuError(f"{source}: thresholds are {tau.dtype}, not floats; {_FIX}")
+    if tau.dim() != 1:
+        raise DymuError(
+            f"{source}: thresholds have shape {tuple(tau.shape)}, not one number per layer; {_FIX}"
+        )
+    tau = tau.detach().float().cpu()
+    if tau.numel() == 0:
+        raise DymuError(f"{source}: contains no thresholds; {_FIX}")
+    bad = [i for i, v in enumerate(tau.tolist()) if not (v == math.inf or -1.0 <= v <= 1.0)]
+    if bad:
+        raise DymuError(f"{source}: thresholds at layers {bad} are outside [-1, 1] (and not +inf, 'never merge'): "
+                        f"{[tau[i].item() for i in bad][:4]}; {_FIX}")  # fmt: skip
     if num_layers is not None and tau.numel() != num_layers:
         raise DymuError(
-            f"{path}: has {tau.numel()} thresholds but the vision tower has {num_layers} layers; "
+            f"{source}: has {tau.numel()} thresholds but the vision tower has {num_layers} layers; "
             "use a file calibrated for this tower"
         )
     return tau

@@ -12,6 +12,7 @@ from torch import nn
 
 from .blocks import MergeRule, TokenState, forward_tokens, layers_to_run, threshold_rule, vision_transformer
 from .cuda_graph import graphed_forward
+from .errors import DymuError
 from .options import DEFAULT, Options
 
 
@@ -82,6 +83,14 @@ def encode_images(
     Both give the same merges and features.
     """
     vt = vision_transformer(vision_model)
+    size = vt.config.image_size
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[0] == 0:
+        shape = (
+            tuple(pixel_values.shape)
+            if isinstance(pixel_values, torch.Tensor)
+            else type(pixel_values).__name__
+        )
+        raise DymuError(f"pixel_values: expected a non-empty (N, 3, {size}, {size}) batch, got {shape}")
     num_layers = len(vt.encoder.layers)
     rule, may_merge = threshold_rule(thresholds, num_layers)
     n_run = layers_to_run(num_layers, feature_layer)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoints import check_weights
 from .errors import DymuError
 from .families import CLIP_TYPES, FAMILIES, detect, read_config
 from .families.base import load_clip
@@ -23,7 +24,10 @@ def load_vision_tower(
     if config.get("model_type") in CLIP_TYPES:
         tower, processor = load_clip(path, dtype)
     elif any(family.claims(config) for family in FAMILIES.values()):
-        tower, processor = detect(path, config).vision_tower(path, config, dtype)
+        family = detect(path, config)
+        if family.name == "hf":  # the tower is inside these weights (legacy towers live in their own dir)
+            check_weights(path)
+        tower, processor = family.vision_tower(path, config, dtype)
     else:
         raise DymuError(
             f"{path}: unsupported model_type '{config.get('model_type')}'; expected a CLIP, liuhaotian "

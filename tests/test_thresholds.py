@@ -69,7 +69,7 @@ def test_wrong_length_nan_and_missing_name_the_file(tmp_path: pathlib.Path) -> N
 
     nan = tmp_path / "nan.json"
     nan.write_text(json.dumps([0.9, float("nan"), 0.8]))
-    with pytest.raises(DymuError, match=r"nan\.json: thresholds contain NaN"):
+    with pytest.raises(DymuError, match=r"nan\.json: thresholds at layers \[1\] are outside \[-1, 1\]"):
         dymu.load_thresholds(nan)
 
     missing = tmp_path / "missing.safetensors"

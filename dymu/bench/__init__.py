@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..atomic import write_text_atomic
+from ..devices import device_from, dtype_from
+from ..jsonsafe import dumps
+from ..quiet import quiet_libraries
 
 
 def bench_parser(prog: str, description: str, repeats: int) -> argparse.ArgumentParser:
     """The options every benchmark shares (device, dtype, batch sizes, target tokens, repeats, --out)."""
+    quiet_libraries()
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
@@ -25,12 +28,16 @@ def bench_parser(prog: str, description: str, repeats: int) -> argparse.Argument
 
 
 def bench_dtype(args: argparse.Namespace) -> str:
-    return args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    """The run's dtype name (default by device), after checking the device and dtype exist."""
+    device_from(args.device)
+    name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    dtype_from(name)
+    return name
 
 
 def emit(report: dict[str, Any], table: str, out: Path | None) -> int:
     """Print the table and write the JSON report atomically."""
     print(table)
     if out:
-        write_text_atomic(out, json.dumps(report, indent=2) + "\n")
+        write_text_atomic(out, dumps(report, indent=2) + "\n")
     return 0

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import run_main
+from ..quiet import quiet_libraries
 from . import llava as llava_bench
 from . import report as bench_report
 from . import tower as tower_bench
@@ -59,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in MICRO:
         return MICRO[argv[0]](argv[1:])
@@ -88,3 +91,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{jsonl_path(Path(cfg.report_file))})", file=sys.stderr)  # fmt: skip
         return 130
     return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -26,7 +26,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from ..atomic import write_atomic
-from ..errors import DymuError
+from ..errors import DymuError, run_main
 from .data import COCO_PROMPT, item, mmbench_prompt, relative_to, write_data_file
 
 # the cells pandas.read_csv reads as missing by default: VLMEvalKit reads the TSV with pandas, so
@@ -424,4 +424,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

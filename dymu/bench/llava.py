@@ -10,7 +10,6 @@ or `--size small` on a CPU.
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -19,6 +18,7 @@ import transformers
 
 from ..calibration import calibrate
 from ..compat.shims import cache_keyword, cache_length, new_cache, rope_theta
+from ..errors import run_main
 from ..families import FAMILIES, IMAGE
 from ..families.hf import stock_inputs
 from ..generation import generate_prepared, prepare
@@ -241,4 +241,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -11,6 +11,7 @@ import torch
 
 from ..blocks import forward_tokens, layers_to_run, threshold_rule, vision_transformer
 from ..calibration import calibrate
+from ..errors import run_main
 from ..images import preprocess
 from ..testing.builders import clip_processor, random_clip
 from ..testing.photos import bench_images
@@ -42,4 +43,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

@@ -6,7 +6,6 @@ the data file carries answers, a Markdown summary and plots. Valid JSON only (no
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import statistics
@@ -14,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_atomic, write_text_atomic
+from ..jsonsafe import dumps as strict_dumps
+from ..jsonsafe import finite
 from .data import DataFile
 from .quality import caption_metrics, mmbench_accuracy
-from .run import SCHEMA_VERSION, finite, time_now
+from .run import SCHEMA_VERSION, time_now
 
 SCHEMA_FILE = Path(__file__).with_name("report.schema.json")
 STAGES = ("preprocess", "vision", "prefill", "first_step", "ttft", "tpot", "e2e")
@@ -290,7 +291,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def dumps(obj: Any) -> str:
-    return json.dumps(finite(obj), indent=1, allow_nan=False, ensure_ascii=False) + "\n"
+    return strict_dumps(obj, indent=1) + "\n"
 
 
 def write(report: dict[str, Any], report_file: Path, with_plots: bool = True) -> list[Path]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import platform
 import sys
 import time
@@ -30,9 +29,11 @@ from transformers import AutoTokenizer, LogitsProcessorList
 from ..api import DymuLlava, apply, format_prompt, load
 from ..calibration import calibrate
 from ..cuda_graph import capture_count
+from ..devices import device_from, dtype_from
 from ..errors import DymuError
 from ..generation import PreparedBatch, decode_path, generate_prepared, prepare, stock_prepare
 from ..images import load_image
+from ..jsonsafe import dumps
 from ..options import Options
 from ..testing.builders import clip_processor, random_llava
 from ..testing.tiny import ensure_tiny_checkpoints
@@ -133,25 +134,6 @@ class BenchConfig:
         keep = ("model_path", "max_new_tokens", "thresholds", "modes", "vtu", "batch_size", "limit", "offset",
                 "seed", "temperature", "image_root", "device", "dtype", "ignore_eos", "decode", "target_tokens")  # fmt: skip
         return {k: v for k, v in asdict(self).items() if k in keep}
-
-
-def _dtype(name: str) -> torch.dtype:
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise DymuError(
-            f"--dtype {name!r}: not a floating-point torch dtype; use float32, bfloat16 or float16"
-        )
-    return value
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DymuError(f"--device {name!r}: not a device; use cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DymuError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
 
 
 def load_target(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> tuple[DymuLlava, str]:
@@ -341,18 +323,8 @@ def _read_rows(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]
 
 
 def json_line(obj: Any) -> str:
-    """One JSON line with non-finite floats as null (strict JSON parsers reject NaN/Infinity)."""
-    return json.dumps(finite(obj), allow_nan=False, ensure_ascii=False)
-
-
-def finite(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
+    """One strict JSON line (non-finite floats as null)."""
+    return dumps(obj)
 
 
 def run_info(cfg: BenchConfig, data: DataFile, device: torch.device, weights: str, modes: list[Mode],
@@ -382,7 +354,7 @@ def code_revision() -> str:
 
 def run(cfg: BenchConfig, argv: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
     """Run (or resume) the benchmark; returns (run info, every row, interrupted)."""
-    device, dtype = _device(cfg.device), _dtype(cfg.dtype)
+    device, dtype = device_from(cfg.device), dtype_from(cfg.dtype)
     if cfg.max_new_tokens < 1 or cfg.batch_size < 1 or cfg.warmup < 0 or cfg.offset < 0:
         raise DymuError("--max-new-tokens and --batch-size must be >= 1, --warmup and --offset >= 0")
     data = load_data_file(data_path(cfg.data_file))

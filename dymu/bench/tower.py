@@ -7,13 +7,13 @@ calibrated in the same run on a calibration image set disjoint from the timed ba
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 import transformers
 
 from ..calibration import calibrate
+from ..errors import run_main
 from ..images import preprocess
 from ..options import Options
 from ..testing.builders import CLIP_GEOMETRIES, clip_processor, random_clip
@@ -128,4 +128,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

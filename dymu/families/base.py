@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionModel, LlamaModel
 
+from ..checkpoints import check_weights
 from ..compat.shims import dtype_kwargs
 from ..errors import DymuError
 
@@ -66,6 +67,9 @@ class Family(Protocol):
     def vision_tower(self, path: Path, config: dict[str, Any], dtype: torch.dtype) -> tuple[nn.Module, Any]:
         """(CLIPVisionModel, CLIPImageProcessor) behind a checkpoint directory of this family."""
 
+    def hidden_size(self, config: dict[str, Any]) -> int | None:
+        """The LLM's width as config.json states it (checked against the weights before loading)."""
+
 
 def split_at_image(ids: list[int]) -> tuple[list[int], list[int]]:
     """(ids before, ids after) the single IMAGE placeholder; the one check of a prompt's shape."""
@@ -113,6 +117,7 @@ def common_parts(model: nn.Module, family: str, projector: nn.Module, feature_la
 
 
 def load_clip(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """(CLIPVisionModel, CLIPImageProcessor) from a CLIP checkpoint directory."""
+    """(CLIPVisionModel, CLIPImageProcessor) from a CLIP checkpoint directory (its weights checked)."""
+    check_weights(path)
     tower = CLIPVisionModel.from_pretrained(str(path), **dtype_kwargs(dtype))
     return tower, CLIPImageProcessor.from_pretrained(str(path))

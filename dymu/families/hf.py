@@ -45,6 +45,10 @@ class HfFamily:
     def claims(self, config: dict[str, Any]) -> bool:
         return config.get("model_type") == "llava" and "mm_vision_tower" not in config
 
+    def hidden_size(self, config: dict[str, Any]) -> int | None:
+        text = config.get("text_config")
+        return int(text["hidden_size"]) if isinstance(text, dict) and "hidden_size" in text else None
+
     def load(self, path: Path, dtype: torch.dtype, device: str) -> tuple[nn.Module, Any, Any]:
         model = LlavaForConditionalGeneration.from_pretrained(str(path), **dtype_kwargs(dtype))
         tokenizer = AutoTokenizer.from_pretrained(str(path))

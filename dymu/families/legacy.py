@@ -21,6 +21,9 @@ class LegacyFamily:
     def claims(self, config: dict[str, Any]) -> bool:
         return config.get("model_type") == "llava_llama" or "mm_vision_tower" in config
 
+    def hidden_size(self, config: dict[str, Any]) -> int | None:
+        return int(config["hidden_size"]) if isinstance(config.get("hidden_size"), int) else None
+
     def load(self, path: Path, dtype: torch.dtype, device: str) -> tuple[nn.Module, Any, Any]:
         legacy = import_legacy()
         apply_patch_set()
