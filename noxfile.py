@@ -44,9 +44,9 @@ def install_cell(session: nox.Session, name: str) -> None:
         session.install("--no-deps", *cell["legacy"])
 
 
-def run_cell_runner(session: nox.Session, name: str, **kwargs) -> str:
+def run_cell_runner(session: nox.Session, name: str, out: Path | None = None, **kwargs) -> str:
     """The cell runner in this session's env; returns the status its result records."""
-    out = ROOT / "reports" / "cells" / f"{name}.json"
+    out = out or ROOT / "reports" / "cells" / f"{name}.json"
     session.run("python", "-m", "dymu.matrix.runner", *cells.runner_args(name, CELLS["cells"][name], str(out), "local"),
                 **kwargs)  # fmt: skip
     try:
@@ -89,9 +89,11 @@ def tests(session: nox.Session, cell: str) -> None:
 @nox.session
 @nox.parametrize("python,cell", _python_and_cell(ALL_CELLS), ids=ALL_CELLS)
 def cell(session: nox.Session, cell: str) -> None:
-    """Build one cell's environment and run the cell runner in it."""
+    """Build one cell's environment and run the cell runner in it (`-- --out F`: where the runner
+    writes; the matrix loop passes its partial file and records the final result itself)."""
+    out = Path(session.posargs[session.posargs.index("--out") + 1]) if "--out" in session.posargs else None
     install_cell(session, cell)
-    run_cell_runner(session, cell)
+    run_cell_runner(session, cell, out)
 
 
 @nox.session(python=CELLS["cells"]["reference"]["python"])

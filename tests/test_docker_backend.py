@@ -24,7 +24,7 @@ def test_container_script_installs_the_cells_pins_and_runs_the_runner() -> None:
     assert "uv pip install -q --no-deps llava-torch==1.2.2.post1" in script
     assert "--python python3.11" in script and script.startswith("set -euo pipefail")
     assert script.rstrip().endswith(
-        "python -m dymu.matrix.runner --cell reference --out /out/reference.json --backend docker"
+        "python -m dymu.matrix.runner --cell reference --out /out/reference.runner.json --backend docker"
     )
     broken = backends.container_script("seed-no-mask", CELLS["cells"]["seed-no-mask"])
     assert "--python python3.10" in broken and broken.rstrip().endswith("--disable-fixes causal-mask")

@@ -54,15 +54,17 @@ def test_invalid_pairings_are_rejected_with_the_reason(cell, message) -> None:
         cells.validate("bad", cell, cells.load()["torch_floors"])
 
 
-def test_failure_classes() -> None:
+def test_failure_classes_come_from_how_the_process_ended() -> None:
     assert outcome.classify(None, "step 1\nstep 2", timed_out=True) == ("timeout", "step 2")
-    assert outcome.classify(-9, "running\nKilled", False)[0] == "crash"
-    assert outcome.classify(1, "  × No solution found when resolving dependencies:\nerror: bad", False)[
-        0
-    ] == ("install-failure")
-    cls, sig = outcome.classify(
-        1, "Traceback\n  File x\nTypeError: forward() got an unexpected keyword argument 'cache'", False
-    )
+    assert outcome.classify(-9, "running", False) == ("crash", "killed by signal 9")
+    assert outcome.classify(137, "running", False) == ("crash", "killed by signal 9")
+    assert outcome.classify(-9, "running", False, oom_killed=True)[0] == "oom"
+    assert outcome.classify(1, "Traceback\nMemoryError", False) == ("oom", "MemoryError")
+    assert outcome.classify(0, "see issue -9 in the log", False)[0] == "crash"  # no "-9" guessing from text
+    assert outcome.classify(1, "uv venv failed\nerror: No interpreter found", False, runner_started=False) == (
+        "install-failure", "error: No interpreter found")  # fmt: skip
+    cls, sig = outcome.classify(1, "Traceback\n  File x\nTypeError: forward() got an unexpected keyword argument 'cache'",
+                                False)  # fmt: skip
     assert cls == "crash" and "unexpected keyword argument 'cache'" in sig
     known = outcome.known_signatures()
     assert any(__import__("re").search(k, sig) for k in known), "a documented fix error must count as known"
@@ -202,3 +204,96 @@ def test_the_matrix_package_imports_without_torch() -> None:
     code = ("import sys; import dymu.matrix.orchestrate, dymu.matrix.report, dymu.matrix.runner, dymu.matrix.junit; "
             "sys.exit(('torch' in sys.modules) + 2 * ('transformers' in sys.modules))")  # fmt: skip
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_a_hung_cell_is_killed_with_its_whole_process_group(tmp_path) -> None:
+    import os
+    import sys
+    import time
+
+    from dymu.matrix import backends
+
+    pidfile = tmp_path / "child.pid"
+    code = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+            f"open({str(pidfile)!r}, 'w').write(str(c.pid)); time.sleep(600)")  # fmt: skip
+    started = time.time()
+    run = backends.run_logged([sys.executable, "-c", code], tmp_path / "log", 3, tmp_path)
+    assert run.timed_out and time.time() - started < 30
+    child = int(pidfile.read_text())
+    for _ in range(50):  # the grandchild is gone too (checked by PID), not re-parented and running
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"process {child} survived its cell's timeout")
+
+
+def test_a_real_memory_limit_is_classed_oom(tmp_path) -> None:
+    import sys
+
+    from dymu.matrix import backends
+
+    code = "import resource; resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20)); x = bytearray(2 << 30)"
+    run = backends.run_logged([sys.executable, "-c", code], tmp_path / "log", 60, tmp_path)
+    cls, signature = outcome.classify(
+        run.returncode, (tmp_path / "log").read_text(), run.timed_out, run.oom_killed
+    )
+    assert run.returncode == 1 and cls == "oom" and "MemoryError" in signature
+
+
+def test_a_second_matrix_run_on_one_checkout_is_refused(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from dymu.matrix import orchestrate
+
+    (tmp_path / "reports").mkdir()
+    with orchestrate.checkout_lock(tmp_path):  # this process holds it; another process must not get it
+        code = ("import sys, pathlib; from dymu.matrix import orchestrate\n"
+                "try:\n    with orchestrate.checkout_lock(pathlib.Path(sys.argv[1])): print('got it')\n"
+                "except orchestrate.LockHeld as err: print('refused:', err)")  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT
+        )
+    assert done.stdout.startswith("refused: another matrix run holds") and "pid" in done.stdout, done.stderr
+    with orchestrate.checkout_lock(tmp_path):  # released: a later run gets it
+        pass
+
+
+def test_freshness_follows_the_whole_cell_definition() -> None:
+    from dymu.matrix import orchestrate
+
+    cell = cells.load()["cells"]["latest"]
+    result = {"code": "c", "status": "pass", "cell_digest": orchestrate.cell_digest(cell)}
+    assert orchestrate.is_fresh(result, "c", cell)
+    for change in ({"companions": [*cell["companions"], "x"]}, {"legacy": []}, {"expect": "crash"},
+                   {"disable_fixes": ["scatter"]}, {"python": "3.10"}):  # fmt: skip
+        assert not orchestrate.is_fresh(result, "c", {**cell, **change}), change
+    assert not orchestrate.is_fresh(result, "other code", cell)
+
+
+@pytest.mark.parametrize("name", ["../../../x", "a/b", ".hidden", "x" * 80])
+def test_unsafe_cell_names_are_refused(name) -> None:
+    with pytest.raises(ValueError, match="file names"):
+        cells.validate(name, {"python": "3.11", "torch": "2.15.0", "transformers": "5.24.0"}, {})
+
+
+def test_matrix_arguments_and_files_fail_in_one_line(tmp_path, monkeypatch) -> None:
+    from dymu.matrix import orchestrate
+
+    said = []
+    assert orchestrate.main(["--timeout", "abc"], log=said.append) == 2
+    assert orchestrate.main(["--set"], log=said.append) == 2
+    assert orchestrate.main(["--bogus"], log=said.append) == 2
+    assert all(line.startswith("matrix: error:") and "\n" not in line for line in said), said
+    (tmp_path / "cells.toml").write_text("[cells\n")
+    monkeypatch.setattr(cells, "CELLS_FILE", tmp_path / "cells.toml")
+    monkeypatch.setattr(cells.load, "__defaults__", (tmp_path / "cells.toml",))
+    assert orchestrate.main(["--list"], log=said.append) == 2 and "not valid TOML" in said[-1]
+
+
+def test_report_of_a_folder_without_results_says_so(tmp_path, capsys) -> None:
+    assert report.main([str(tmp_path / "nonexistent")]) == 2
+    assert "no cell results" in capsys.readouterr().err and not (tmp_path / "nonexistent").exists()

@@ -12,10 +12,12 @@ proxy; compose.yaml takes the same variable).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -31,11 +33,12 @@ class CellRun:
 
     returncode: int | None
     timed_out: bool
+    oom_killed: bool = False  # the kernel's (or the container's) evidence, not a guess from the log
 
 
 class Backend(Protocol):
     name: str
-    results: Path  # where the runner's <cell>.json lands
+    results: Path  # where the final <cell>.json lands; the runner writes <cell>.runner.json beside it
 
     def unavailable(self) -> str | None:
         """None when this backend can run cells here, else a one-line reason and fix."""
@@ -44,15 +47,53 @@ class Backend(Protocol):
         """Build the cell's environment, run `python -m dymu.matrix.runner` in it, log everything."""
 
 
+def runner_file(results: Path, name: str) -> Path:
+    """The runner's own (partial) result; only the matrix loop writes the final <cell>.json, so a
+    runner that outlives its cell can never overwrite a recorded outcome."""
+    return results / f"{name}.runner.json"
+
+
+def oom_kills() -> int | None:
+    """The kernel's OOM-kill count for this cgroup (cgroup v2 memory.events), None where unreadable."""
+    try:
+        for line in Path("/sys/fs/cgroup/memory.events").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def run_logged(command: list[str], log_path: Path, timeout: float, cwd: Path) -> CellRun:
-    """Run `command` with stdout+stderr into `log_path`; a timeout kills it and is reported."""
+    """Run `command` in its own process group with stdout+stderr into `log_path`. On a timeout or
+    an interrupt the whole group is killed (no orphan keeps running, or writing)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    before = oom_kills()
     with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
+        )
         try:
-            proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=cwd)
+            code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            _kill_group(proc)
             return CellRun(None, True)
-    return CellRun(proc.returncode, False)
+        except BaseException:  # Ctrl-C in the matrix loop: take the cell down with it
+            _kill_group(proc)
+            raise
+    after = oom_kills()
+    return CellRun(
+        code,
+        False,
+        oom_killed=code in (-9, 137) and before is not None and after is not None and after > before,
+    )
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group may already be gone
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 @dataclass
@@ -73,7 +114,9 @@ class LocalBackend:
         return None
 
     def run_cell(self, name: str, cell: dict[str, Any], log_path: Path, timeout: float) -> CellRun:
-        return run_logged([sys.executable, "-m", "nox", "-s", f"cell({name})"], log_path, timeout, self.root)
+        out = runner_file(self.results, name)
+        return run_logged([sys.executable, "-m", "nox", "-s", f"cell({name})", "--", "--out", str(out)], log_path,
+                          timeout, self.root)  # fmt: skip
 
 
 def container_script(name: str, cell: dict[str, Any]) -> str:
@@ -88,7 +131,7 @@ def container_script(name: str, cell: dict[str, Any]) -> str:
         f"uv pip install -q {reqs}",
         "uv pip install -q -e '/tmp/work[test]'  # jsonschema: the bench stage validates its report",
         *([f"uv pip install -q --no-deps {legacy}"] if legacy else []),
-        "python -m dymu.matrix.runner " + shlex.join(runner_args(name, cell, f"/out/{name}.json", "docker")),
+        "python -m dymu.matrix.runner " + shlex.join(runner_args(name, cell, f"/out/{name}.runner.json", "docker")),
     ]  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -208,10 +251,11 @@ class DockerBackend:
             container.kill()
         log.write(container.logs().decode(errors="replace"))
         container.reload()
-        if container.attrs.get("State", {}).get("OOMKilled"):
-            log.write("\nOOMKilled: the container ran out of memory (Cannot allocate memory)\n")
+        oom = bool(container.attrs.get("State", {}).get("OOMKilled"))
+        if oom:
+            log.write("\nOOMKilled: the container ran out of memory\n")
         container.remove(force=True)
-        return CellRun(code, timed_out)
+        return CellRun(code, timed_out, oom_killed=oom)
 
 
 BACKENDS = {"local": LocalBackend, "docker": DockerBackend}

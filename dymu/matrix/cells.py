@@ -6,6 +6,7 @@ Standard library only: the noxfile imports it in nox's own interpreter, before a
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,15 @@ def torch_floor(transformers: str, floors: dict[str, str]) -> tuple[int, ...] | 
     return max(reached)[1] if reached else None
 
 
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
 def validate(name: str, cell: dict[str, Any], floors: dict[str, str]) -> None:
     """Raise ValueError for an impossible pairing or a malformed cell, saying why."""
+    if not SAFE_NAME.match(name) or ".." in name:
+        raise ValueError(
+            f"cell {name!r}: names are letters, digits, '.', '_' and '-' (they become file names)"
+        )
     missing = [key for key in ("python", "torch", "transformers") if not isinstance(cell.get(key), str)]
     if missing:
         raise ValueError(
@@ -83,7 +91,12 @@ def _merged(defaults: dict[str, Any], cell: dict[str, Any]) -> dict[str, Any]:
 def load(path: Path = CELLS_FILE) -> dict[str, Any]:
     """The cells (defaults merged, each with its resolved `image`), sets, images, floors and GPU cells;
     ValueError names the bad entry."""
-    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML ({err})") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror})") from None
     floors = data.get("torch_floors", {})
     data["cells"] = {name: _merged(data.get("defaults", {}), cell) for name, cell in data["cells"].items()}
     for name, cell in data["cells"].items():

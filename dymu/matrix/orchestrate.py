@@ -8,11 +8,15 @@ Standard library only: it runs in nox's own interpreter (`import dymu.matrix` im
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import hashlib
 import json
+import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +27,15 @@ from .digest import code_digest
 ROOT = cells.ROOT
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting (the matrix prints one line)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ValueError(message)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nox -s matrix --", description="Run matrix cells and write reports/matrix.*"
-    )
+    p = _Parser(prog="nox -s matrix --", description="Run matrix cells and write reports/matrix.*")
     p.add_argument("--set", default="core", help="a set of envs/cells.toml [sets] (default: core)")
     p.add_argument(
         "--cells",
@@ -61,28 +70,34 @@ def _read(path: Path, started_after: float | None = None) -> dict | None:
         return None
 
 
+def cell_digest(cell: dict[str, Any]) -> str:
+    """Everything in a cell's definition that can change its outcome (pins, companions, legacy,
+    python, fault keys, expect): a result is fresh only for the same digest."""
+    keep = {k: v for k, v in sorted(cell.items()) if k not in ("why", "image")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def is_fresh(previous: dict | None, code: str, cell: dict[str, Any]) -> bool:
-    """A passing result for this code digest and these versions needs no re-run."""
-    if not previous or previous.get("code") != code or previous.get("status") != "pass":
-        return False
-    versions = previous.get("versions", {})
-    return (
-        versions.get("transformers") == cell["transformers"]
-        and versions.get("torch", "").split("+")[0] == cell["torch"]
-    )
+    """A passing result for this code digest and this exact cell definition needs no re-run."""
+    return bool(previous and previous.get("code") == code and previous.get("status") == "pass"
+                and previous.get("cell_digest") == cell_digest(cell))  # fmt: skip
 
 
 def run_one(backend: backends.Backend, name: str, cell: dict[str, Any], timeout: float,
             known: list[str]) -> dict[str, Any]:  # fmt: skip
-    """Run one cell and return its finished result (also written to the backend's results)."""
+    """Run one cell and write its final result. The runner writes only its own partial file, so a
+    straggler cannot overwrite what is recorded here."""
     out = backend.results / f"{name}.json"
+    partial = backends.runner_file(backend.results, name)
+    partial.unlink(missing_ok=True)
     started = time.time()
     log_path = backend.results.parent / "logs" / f"{name}.log"  # reports/logs, reports/docker/logs
     run = backend.run_cell(name, cell, log_path, timeout)
     text = log_path.read_text(errors="replace") if log_path.is_file() else ""
-    result = _read(out, started_after=started)
+    result = _read(partial, started_after=started)
     if result is None or result.get("status") == "running" or run.timed_out or run.returncode not in (0, 1):
-        failure_class, signature = outcome.classify(run.returncode, text, run.timed_out)
+        failure_class, signature = outcome.classify(run.returncode, text, run.timed_out, run.oom_killed,
+                                                    runner_started=result is not None)  # fmt: skip
         result = result or {"schema": 1, "cell": name, "stages": {},
                             "versions": {"torch": cell["torch"], "transformers": cell["transformers"]}}  # fmt: skip
         result.update(status="fail", failure={
@@ -92,18 +107,46 @@ def run_one(backend: backends.Backend, name: str, cell: dict[str, Any], timeout:
     expected = cell.get("expect", "pass")
     result["expected"] = expected
     result["as_expected"] = outcome.outcome(result) == expected
+    result["cell_digest"] = cell_digest(cell)
     result["duration_s"] = result.get("duration_s") or round(time.time() - started, 1)
     write_text_atomic(out, json.dumps(result, indent=1) + "\n")
+    partial.unlink(missing_ok=True)
     return result
+
+
+class LockHeld(Exception):
+    """Another matrix run holds this checkout's lock."""
+
+
+@contextlib.contextmanager
+def checkout_lock(root: Path) -> Iterator[None]:
+    """One matrix run per checkout: a second one stops with a clear line instead of sharing venvs."""
+    path = root / "reports" / ".matrix.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise LockHeld(f"another matrix run holds {path} ({handle.read().strip() or 'pid unknown'}); "
+                             "wait for it or stop it") from None  # fmt: skip
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> int:
     """Exit 0 when every selected cell ended as expected, 1 otherwise, 2 for bad arguments."""
-    args = parser().parse_args(argv)
-    data = cells.load()
     try:
+        args = parser().parse_args(argv)
+        data = cells.load()
         members = select(data, args.set, args.cells)
-    except ValueError as err:
+    except (argparse.ArgumentError, ValueError) as err:  # argparse's errors and TOML's are ValueErrors here
         log(f"matrix: error: {err}")
         return 2
     if args.list:
@@ -114,6 +157,16 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> i
     if why_not:
         log(f"matrix: error: {why_not}")
         return 2
+    try:
+        with checkout_lock(ROOT):
+            return _run_members(data, members, backend, args, log)
+    except LockHeld as err:
+        log(f"matrix: error: {err}")
+        return 2
+
+
+def _run_members(data: dict[str, Any], members: list[str], backend: backends.Backend, args: argparse.Namespace,
+                 log: Callable[[str], None]) -> int:  # fmt: skip
     code = code_digest(ROOT)
     known = outcome.known_signatures()
     for name in members:

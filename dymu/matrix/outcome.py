@@ -21,18 +21,26 @@ def outcome(result: dict) -> str:
     return failure.get("class", "fail") + ("/known" if failure.get("known") else "")
 
 
-def classify(returncode: int | None, log: str, timed_out: bool) -> tuple[str, str]:
-    """(class, signature): timeout / oom / crash / install-failure, from the exit and the log."""
+def classify(returncode: int | None, log: str, timed_out: bool, oom_killed: bool = False,
+             runner_started: bool = True) -> tuple[str, str]:  # fmt: skip
+    """(class, signature) of a cell that left no finished result, from how its process ended:
+    timeout (killed at the limit), oom (the kernel's or container's OOM kill, or an out-of-memory
+    error the process reported), install-failure (the runner never started: the environment could
+    not be built), else crash (a signal, or an exception in the runner)."""
     tail = [line for line in log.strip().splitlines() if line.strip()][-40:]
+    last = tail[-1].strip() if tail else ""
     if timed_out:
-        return "timeout", tail[-1].strip() if tail else ""
-    if re.search(r"CUDA out of memory|OutOfMemoryError|Cannot allocate memory", log):
-        return "oom", next(line for line in reversed(tail) if re.search(r"memory", line)).strip()
-    if returncode in (-9, 137) or re.search(r"\bKilled\b|signal 9|SIGKILL|-9\b", log):
-        return "crash", "killed (SIGKILL)"
-    if re.search(r"No solution found|ResolutionImpossible|Failed to (build|download|fetch)", log):
-        return "install-failure", next(
-            (line for line in reversed(tail) if "error" in line.lower()), tail[-1]
-        ).strip()
+        return "timeout", last
+    memory = [
+        line.strip() for line in tail if re.search(r"CUDA out of memory|OutOfMemoryError|MemoryError", line)
+    ]
+    if oom_killed or memory:
+        return "oom", memory[-1] if memory else "killed by the kernel's OOM killer"
+    if not runner_started:
+        errors = [line.strip() for line in tail if "error" in line.lower()]
+        return "install-failure", errors[-1] if errors else last
+    if returncode is not None and (returncode < 0 or returncode > 128):
+        number = -returncode if returncode < 0 else returncode - 128
+        return "crash", f"killed by signal {number}"
     errors = [line.strip() for line in tail if re.match(r"^\w+(Error|Exception)\b", line.strip())]
-    return "crash", errors[-1] if errors else (tail[-1].strip() if tail else "")
+    return "crash", errors[-1] if errors else last

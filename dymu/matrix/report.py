@@ -33,7 +33,7 @@ def fix_verdict(entry: dict[str, Any] | None) -> str:
 
 def load_cells(folder: Path) -> list[dict[str, Any]]:
     cells = []
-    for path in sorted(folder.glob("*.json")):
+    for path in sorted(p for p in folder.glob("*.json") if not p.name.endswith(".runner.json")):
         try:
             cells.append(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, json.JSONDecodeError) as err:
@@ -192,6 +192,10 @@ def build(reports: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     reports = Path(args[0] if args else "reports")
+    if not any((reports / sub).is_dir() for sub in ("cells", "gpu/cells", "docker/cells")):
+        print(f"dymu: error: {reports}: no cell results (cells/, gpu/cells/ or docker/cells/) to report; "
+              "run `nox -s matrix` first or pass the reports folder", file=sys.stderr)  # fmt: skip
+        return 2
     data = build(reports)
     print(render_markdown(data["summary"]))
     unexpected = [r["cell"] for r in data["summary"] if not r["as_expected"]]
