@@ -20,16 +20,24 @@ from .images import preprocess
 from .options import DEFAULT, Options
 from .thresholds import load_thresholds, validate_thresholds
 
-SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
+# LLaVA-1.5's single-image conversation templates, by the legacy package's names: `llava_v1` is what
+# the benchmark files people use were run with; `vicuna_v1` is what LLaVA-1.5's own evaluation uses.
+CONV_SYSTEMS = {
+    "llava_v1": "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+    "vicuna_v1": "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+}
+SYSTEM = CONV_SYSTEMS["llava_v1"]
 ImageInput = Image.Image | str | Path
 
 
-def format_prompt(question: str) -> str:
-    """LLaVA-1.5's conversation template (vicuna_v1) around one image and a question."""
-    return f"{SYSTEM} USER: <image>\n{question} ASSISTANT:"
+def format_prompt(question: str, conv_mode: str = "llava_v1") -> str:
+    """One image and a question in a LLaVA-1.5 conversation template (`llava_v1` or `vicuna_v1`:
+    the same turns, different system text), as the legacy package's `conv_templates` build it."""
+    if conv_mode not in CONV_SYSTEMS:
+        raise DymuError(f"conv_mode={conv_mode!r}: use one of {', '.join(CONV_SYSTEMS)}")
+    return f"{CONV_SYSTEMS[conv_mode]} USER: <image>\n{question} ASSISTANT:"
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .api import format_prompt, load
+from .api import CONV_SYSTEMS, format_prompt, load
 from .bench import command as bench_command
 from .bench import importers
 from .blocks import layers_to_run
@@ -187,7 +187,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         thresholds = None
     model = load(model_path, thresholds=thresholds, vtu=args.vtu, family=args.family,
                  dtype=_dtype(args.dtype), device=_device(args.device), options=options_from(args))  # fmt: skip
-    prompt = args.prompt if args.raw_prompt else format_prompt(args.prompt)
+    prompt = args.prompt if args.raw_prompt else format_prompt(args.prompt, args.conv_mode)
     answers = model.generate([prompt] * len(images), images, max_new_tokens=args.max_new_tokens)
     names = args.image or [f"sample-{i}" for i in range(len(images))]
     rows = [
@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--stock", action="store_true", help="no merging (stock LLaVA) even for the tiny default"
     )
     inf.add_argument("--vtu", choices=["fast", "none"], default="fast")
+    inf.add_argument(
+        "--conv-mode", choices=sorted(CONV_SYSTEMS), default="llava_v1", help="conversation template"
+    )
     inf.add_argument("--family", choices=["auto", "hf", "legacy"], default="auto")
     inf.add_argument("--max-new-tokens", type=int, default=32)
     inf.add_argument("--device", default="cpu")

@@ -142,3 +142,19 @@ def test_fidelity_figure_for_finite_thresholds(tiny_checkpoints, images, calibra
           f"{first_cos.mean():.4f} (min {first_cos.min():.4f}), greedy agreement {agreement:.2%}")  # fmt: skip
     assert mean_tokens < 64 and torch.isfinite(first_cos).all()
     assert -1.0 <= first_cos.min() <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("conv_mode", ["llava_v1", "vicuna_v1"])
+def test_conversation_templates_match_the_legacy_packages_own(conv_mode) -> None:
+    text = dymu.format_prompt("What is shown?", conv_mode)
+    assert text.endswith(" USER: <image>\nWhat is shown? ASSISTANT:")
+    if installed("llava-torch") is None:
+        pytest.skip("llava-torch not installed: its conv_templates cannot be compared")
+    from llava.conversation import conv_templates
+
+    conv = conv_templates[conv_mode].copy()
+    conv.append_message(conv.roles[0], "<image>\nWhat is shown?")
+    conv.append_message(conv.roles[1], None)
+    assert text == conv.get_prompt()
+    with pytest.raises(dymu.DymuError, match="conv_mode='llava_v2'"):
+        dymu.format_prompt("x", "llava_v2")

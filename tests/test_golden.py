@@ -7,7 +7,7 @@ import torch
 
 from dymu.compat.shims import bin_blocked
 from dymu.errors import DymuError
-from dymu.matrix.golden import CASES, case_family, compare, load_golden, run_case
+from dymu.matrix.golden import CASES, case_family, compare, expected, load_golden, run_case
 from dymu.versions import installed
 
 GOLDEN = load_golden()
@@ -27,7 +27,7 @@ def test_cell_reproduces_the_reference_cell(case: str) -> None:
         with pytest.raises(DymuError, match=r"only \.bin weights"):
             run_case(case, TAU)
         return
-    assert compare(run_case(case, TAU), GOLDEN["cases"][case], ATOL) == []
+    assert compare(run_case(case, TAU), expected(GOLDEN, case), ATOL) == []
 
 
 def test_golden_catches_a_dropped_mapping(monkeypatch) -> None:
@@ -59,3 +59,20 @@ def test_golden_catches_a_swallowed_cache(monkeypatch) -> None:
     except Exception as err:  # any error is a detection too: the runner records the case as failed
         problems = [f"raised {type(err).__name__}"]
     assert problems
+
+
+def test_golden_catches_a_lost_bos_where_the_fix_is_needed() -> None:
+    """The tokenizer_config.json-without-add_bos_token variant reproduces the recorded outputs only
+    with the bos-default fix; switched off where it is needed, the comparison must fail."""
+    from dymu.compat import registry
+    from dymu.testing.tiny import NOBOS
+
+    _skip_without_legacy(NOBOS)
+    if not registry.needed("bos-default"):
+        pytest.skip("this transformers adds BOS by default (< 5.0)")
+    registry.disable(["bos-default"])
+    try:
+        problems = compare(run_case(NOBOS, TAU), expected(GOLDEN, NOBOS), ATOL)
+    finally:
+        registry.disable([])
+    assert "prompt_ids differ" in problems

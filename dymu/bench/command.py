@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..api import CONV_SYSTEMS
 from ..errors import run_main
 from ..quiet import quiet_libraries
 from . import llava as llava_bench
@@ -37,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
         "--modes", default="stock,dymu", help="comma list; variants: NAME:vtu=none, NAME:thresholds=F"
     )
     p.add_argument("--vtu", choices=["fast", "none"], default="fast")
+    p.add_argument("--conv-mode", choices=sorted(CONV_SYSTEMS), default="llava_v1",
+                   help="conversation template (llava_v1: what the benchmark files were run with)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=1, help="1 = latency; larger = throughput (labelled)")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--offset", type=int, default=0)
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, limit=args.limit, offset=args.offset, warmup=args.warmup, seed=args.seed,
         temperature=args.temperature, image_root=args.image_root, resume=args.resume, device=device,
         dtype=args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"), ignore_eos=args.ignore_eos,
-        decode=args.decode,
+        decode=args.decode, conv_mode=args.conv_mode,
         target_tokens=args.target_tokens, progress=not args.no_progress,
     )  # fmt: skip
     info, rows, interrupted = run(cfg, ["dymu", "bench", *argv])

@@ -125,6 +125,7 @@ class BenchConfig:
     dtype: str = "float32"
     ignore_eos: bool = False
     decode: str = "auto"
+    conv_mode: str = "llava_v1"
     target_tokens: int | None = None
     calibration_images: int = 64
     progress: bool = True
@@ -132,7 +133,7 @@ class BenchConfig:
     def settings(self) -> dict[str, Any]:
         """What must match for `--resume` to continue a run (not where the report goes)."""
         keep = ("model_path", "max_new_tokens", "thresholds", "modes", "vtu", "batch_size", "limit", "offset",
-                "seed", "temperature", "image_root", "device", "dtype", "ignore_eos", "decode", "target_tokens")  # fmt: skip
+                "seed", "temperature", "image_root", "device", "dtype", "ignore_eos", "decode", "conv_mode", "target_tokens")  # fmt: skip
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
@@ -221,7 +222,7 @@ def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     clock.start()
-    prompts = [format_prompt(s.text_prompt) for s in samples]
+    prompts = [format_prompt(s.text_prompt, cfg.conv_mode) for s in samples]
     ids = [model.tokenize(p) for p in prompts]
     pixels = model.pixel_values(images).to(device)
     clock.host_mark("preprocess")

@@ -21,6 +21,7 @@ from importlib import resources
 from typing import Any
 
 import torch
+import transformers
 from safetensors.torch import load_file
 from transformers import (
     AutoTokenizer,
@@ -36,7 +37,7 @@ from ..families import FAMILIES
 from ..families.hf import stock_inputs
 from ..scatter import group_mean
 from ..testing.builders import tiny_hf_llava, tiny_legacy_llava, tiny_llama
-from ..testing.tiny import ensure_tiny_checkpoints
+from ..testing.tiny import ensure_tiny_checkpoints, nobos_variant
 from ..versions import installed
 from . import legacy, shims
 from .registry import Fix, active, disabled, fixes
@@ -441,6 +442,38 @@ def _negative_tokenizer() -> None:
         raise AssertionError(f"prompt ids differ under AutoTokenizer ({type(tok).__name__})")
 
 
+# ---------------------------------------------------------------- bos-default (legacy)
+
+IMAGE_PROMPT = "A chat between a curious human and an artificial intelligence assistant. USER: <image>\nWhat is in it? ASSISTANT:"
+
+
+def _image_prompt_ids(tok) -> list[int]:
+    from llava.mm_utils import tokenizer_image_token  # noqa: PLC0415 - optional dependency
+
+    return list(tokenizer_image_token(IMAGE_PROMPT, tok, -200))
+
+
+def _verify_bos_default() -> str:
+    variant = nobos_variant()
+    tok = legacy.legacy_tokenizer(variant)
+    reference = legacy.legacy_tokenizer(_tiny("llava-v1.5-tiny-safetensors"))
+    got, want = _image_prompt_ids(tok), _image_prompt_ids(reference)
+    if got != want or got[0] != tok.bos_token_id or tok(PROMPT).input_ids != expected_prompt_ids():
+        raise AssertionError(f"BOS missing or ids differ without add_bos_token: {got[:6]} vs {want[:6]}")
+    return "a tokenizer_config.json without add_bos_token gives the same ids, BOS first (with <image>\\n too)"
+
+
+def _negative_bos_default() -> None:
+    variant = nobos_variant()
+    config = json.loads((variant / "tokenizer_config.json").read_text())
+    tok = getattr(transformers, config.get("tokenizer_class") or "LlamaTokenizer").from_pretrained(
+        str(variant)
+    )
+    ids = _image_prompt_ids(tok)
+    if ids[0] != tok.bos_token_id:
+        raise AssertionError(f"BOS missing: prompt ids start {ids[:4]}, not with {tok.bos_token_id}")
+
+
 # ---------------------------------------------------------------- legacy-import
 
 _BLOCK_PIL = "import sys; sys.modules['PIL'] = None; "
@@ -491,6 +524,7 @@ CHECKS: dict[str, Check] = {
     "builder-dtype": Check(_verify_builder_dtype, _negative_builder_dtype, LEGACY),
     "tokenizer": Check(_verify_tokenizer, _negative_tokenizer, ("sentencepiece", "protobuf")),
     "legacy-import": Check(_verify_legacy_import, _negative_legacy_import, LEGACY),
+    "bos-default": Check(_verify_bos_default, _negative_bos_default, (*LEGACY, "sentencepiece", "protobuf")),
 }
 
 

@@ -67,13 +67,14 @@ def legacy_class() -> type:
 def legacy_tokenizer(path: str | Path) -> Any:
     """The tokenizer class the checkpoint names in tokenizer_config.json: transformers 5.0-5.2
     resolve `AutoTokenizer` for `llava_llama` configs to one that yields different ids; naming
-    the class avoids the guess on every version."""
+    the class avoids the guess on every version. A config without `add_bos_token` gets BOS
+    explicitly where this transformers would otherwise add none (the bos-default fix)."""
     cfg_file = Path(path) / "tokenizer_config.json"
-    name = "LlamaTokenizer"
-    if cfg_file.is_file():
-        name = json.loads(cfg_file.read_text(encoding="utf-8")).get("tokenizer_class") or name
+    config = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+    name = config.get("tokenizer_class") or "LlamaTokenizer"
     cls = getattr(transformers, name, None) or transformers.LlamaTokenizerFast
-    return cls.from_pretrained(str(path))
+    kwargs = {"add_bos_token": True} if active("bos-default") and "add_bos_token" not in config else {}
+    return cls.from_pretrained(str(path), **kwargs)
 
 
 # ---------------------------------------------------------------- builder-dtype

@@ -21,7 +21,7 @@ from ..compat.shims import bin_blocked
 from ..errors import DymuError
 from ..versions import installed
 from .full_size import stage_full_size
-from .golden import CASES, case_family, compare, load_golden, run_case
+from .golden import CASES, case_family, compare, expected, load_golden, run_case
 from .runner_errors import error_entry
 
 __all__ = ["stage_bench", "stage_fixes", "stage_full_size", "stage_inference_and_golden"]
@@ -63,8 +63,9 @@ def stage_inference_and_golden(golden_path: Path) -> tuple[dict[str, Any], dict[
             continue
         inference[case] = {"status": "pass", "seconds": round(time.perf_counter() - start, 2),
                            "visual_tokens": got["visual_tokens"], "greedy_ids": got["greedy_ids"]}  # fmt: skip
-        problems = compare(got, golden["cases"][case], atol)
-        worst = max(abs(a - b) for ra, rb in zip(got["top_logits"], golden["cases"][case]["top_logits"], strict=True)
+        want = expected(golden, case)
+        problems = compare(got, want, atol)
+        worst = max(abs(a - b) for ra, rb in zip(got["top_logits"], want["top_logits"], strict=True)
                     for a, b in zip(ra, rb, strict=True))  # fmt: skip
         comparison[case] = {"status": "fail" if problems else "pass", "problems": problems,
                             "max_top_logit_diff": worst, "atol": atol}  # fmt: skip

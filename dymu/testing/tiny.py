@@ -751,3 +751,31 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+NOBOS = "llava-v1.5-tiny-nobos"
+
+
+def nobos_variant(paths: Mapping[str, Path] | None = None) -> Path:
+    """The liuhaotian safetensors fixture with `add_bos_token` / `add_eos_token` removed from its
+    tokenizer_config.json, as many LLaMA-derived checkpoints ship (built once next to the fixture).
+    It must behave exactly like the original: same ids, same outputs."""
+    paths = paths or ensure_tiny_checkpoints()
+    src = paths[LEGACY_SAFETENSORS]
+    dst = src.parent / NOBOS
+    if not (dst / "tokenizer_config.json").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{NOBOS}-", dir=src.parent))
+        shutil.copytree(src, tmp / NOBOS)
+        config_file = tmp / NOBOS / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        for key in ("add_bos_token", "add_eos_token"):
+            config.pop(key, None)
+        _write_json(config_file, config)
+        try:
+            os.rename(tmp / NOBOS, dst)
+        except OSError:
+            if not (dst / "tokenizer_config.json").is_file():  # lost a race to a build that also failed
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dst
