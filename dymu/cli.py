@@ -144,7 +144,7 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--no-fused-rope", action="store_true", help="VTU gather + RoPE with torch ops, not Triton"
     )
-    group.add_argument("--no-cuda-graphs", action="store_true", help="run the DToMe tower eagerly on CUDA")
+    group.add_argument("--cuda-graphs", action="store_true", help="replay the DToMe tower as CUDA graphs")
     group.add_argument(
         "--graph-segment", type=int, default=Options.graph_segment, help="tower blocks per CUDA graph"
     )
@@ -154,7 +154,7 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> Options:
-    return Options(fused_rope=not args.no_fused_rope, cuda_graphs=not args.no_cuda_graphs,
+    return Options(fused_rope=not args.no_fused_rope, cuda_graphs=args.cuda_graphs,
                    graph_segment=args.graph_segment, deterministic_remerge=args.deterministic_remerge)  # fmt: skip
 
 

@@ -19,8 +19,11 @@ class Options:
 
     - `fused_rope`: VTU's gather + RoPE + head-major write as one Triton kernel (CUDA only);
       off: the torch ops.
-    - `cuda_graphs`: replay the DToMe tower as captured CUDA graph segments (CUDA only);
-      off: eager blocks.
+    - `cuda_graphs`: replay the DToMe tower as captured CUDA graph segments (CUDA only). Off by
+      default: every new padded shape costs a capture (100-270 ms on an H200), and on varied
+      images the eager tower measured 6.3 ms at batch 1 against 40 ms (median) for the graphs,
+      and the same 14.7 ms at batch 8 once every shape had been captured
+      (reports/gpu/bench/h200_decode_b*.md); turn it on for a fixed, repeated input set.
     - `graph_segment`: blocks per captured segment (fewer: more padding trimmed, more syncs).
     - `deterministic_remerge`: VTU's group mean as an assignment matmul (fixed reduction
       order, no CUDA atomics) instead of `index_add_`.
@@ -30,7 +33,7 @@ class Options:
     """
 
     fused_rope: bool = True
-    cuda_graphs: bool = True
+    cuda_graphs: bool = False
     graph_segment: int = 4
     deterministic_remerge: bool = False
     decode: str = "auto"

@@ -78,7 +78,7 @@ def encode_images(
 ) -> TowerOutput:
     """Encode preprocessed images with DToMe; `thresholds=None` (or all +inf) is stock CLIP.
 
-    On CUDA (with `options.cuda_graphs`) the static-shape tower is captured once per input
+    On CUDA with `options.cuda_graphs` the static-shape tower is captured once per input
     shape and replayed in segments; otherwise the padded length shrinks as tokens merge.
     Both give the same merges and features.
     """

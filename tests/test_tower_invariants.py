@@ -227,8 +227,8 @@ def test_cuda_graph_replay_equals_eager_on_gpu(tower) -> None:
     model, pixels, tau = tower
     model = model.cuda()
     try:
-        graphed = dymu.encode_images(model, pixels.cuda(), tau)
-        again = dymu.encode_images(model, pixels.cuda().flip(0), tau)
+        graphed = dymu.encode_images(model, pixels.cuda(), tau, options=Options(cuda_graphs=True))
+        again = dymu.encode_images(model, pixels.cuda().flip(0), tau, options=Options(cuda_graphs=True))
         eager = dymu.encode_images(model, pixels.cuda(), tau, options=Options(cuda_graphs=False))
     finally:
         model.cpu()
