@@ -22,6 +22,9 @@ from .errors import DymuError
 from .merge import Edges, apply_plan, bipartite_edges, plan_merges, threshold_merges
 
 MergeRule = Callable[[int, Edges], torch.Tensor]
+# padded token slots are trimmed to a multiple of this: kernels (cuDNN attention plans, CUDA graphs)
+# are built per shape, and exact lengths would make nearly every image a new shape
+BUCKET = 32
 
 
 def vision_transformer(model: nn.Module) -> nn.Module:
@@ -150,8 +153,10 @@ def run_blocks(
                 lengths, uniform = plan.new_lengths, False
             else:
                 new_max, any_changed = torch.stack([plan.new_lengths.max(), plan.changed.any()]).tolist()
-                if any_changed:
-                    x, size, pos = apply_plan(plan, x, size, pos, new_max)
+                if any_changed:  # trim to a bucket: a few shapes, not one per image (new shapes cost plans)
+                    x, size, pos = apply_plan(
+                        plan, x, size, pos, min(x.shape[1], -(-new_max // BUCKET) * BUCKET)
+                    )
                     lengths, uniform = plan.new_lengths, False
         x = x + block.mlp(block.layer_norm2(x))
         counts.append(lengths[:, None])

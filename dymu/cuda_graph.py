@@ -20,9 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .blocks import MergeRule, TokenState, embed, run_blocks
+from .blocks import BUCKET, MergeRule, TokenState, embed, run_blocks
 
-BUCKET = 32  # token slots are trimmed to a multiple of this, bounding the number of graphs
 # one batch shape needs up to (segments - 1) x (577 / BUCKET) + 1 ~ 96 graphs at LLaVA's geometry: room for
 # a few batch shapes, so a long run stops capturing once every bucket has been seen
 _MAX_GRAPHS_PER_TOWER = 320
