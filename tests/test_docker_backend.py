@@ -128,13 +128,40 @@ def test_compose_bench_runs_the_latest_cells_stack_on_the_gpus() -> None:
     assert services["bench-cpu"]["profiles"] == ["cpu"] and "deploy" not in services["bench-cpu"]
 
 
-def test_workflow_runs_the_matrix_with_the_docker_backend_on_a_gpu_runner() -> None:
+def test_workflow_fans_cells_out_to_gpu_runners_and_joins_them_in_a_report() -> None:
     yaml = pytest.importorskip("yaml")
-    job = yaml.safe_load((ROOT / ".github" / "workflows" / "gpu-matrix.yml").read_text())["jobs"]["matrix"]
-    assert job["runs-on"] == ["self-hosted", "linux", "x64", "gpu"]
-    commands = [step.get("run", "") for step in job["steps"]]
-    assert any("nox -s matrix -- --set" in c and "--backend docker" in c for c in commands)
-    assert any("docker compose up --build --exit-code-from bench bench" in c for c in commands)
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "gpu-matrix.yml").read_text())
+    jobs = workflow["jobs"]
+    assert set(jobs) == {"plan", "cell", "report", "bench"} and workflow["permissions"] == {
+        "contents": "read"
+    }
+    cell = jobs["cell"]
+    assert cell["runs-on"] == ["self-hosted", "linux", "x64", "gpu"] and cell["needs"] == "plan"
+    assert (
+        cell["strategy"]["fail-fast"] is False
+        and "needs.plan.outputs.cells" in cell["strategy"]["matrix"]["cell"]
+    )
+    assert any('--cells "$CELL" --backend docker' in step.get("run", "") for step in cell["steps"])
+    assert jobs["report"]["needs"] == "cell" and jobs["report"]["if"] == "always()"
+    plan = next(step["run"] for step in jobs["plan"]["steps"] if step.get("id") == "plan")
+    assert 'python3 -m dymu.matrix.orchestrate --set "$CELL_SET" --list --json' in plan
+    every_use = [step["uses"] for job in jobs.values() for step in job["steps"] if "uses" in step]
+    assert all(__import__("re").fullmatch(r"actions/[\w-]+@[0-9a-f]{40}", use) for use in every_use), (
+        every_use
+    )
+
+
+def test_the_plan_job_lists_exactly_what_the_matrix_selects() -> None:
+    import subprocess
+    import sys
+
+    def run(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "dymu.matrix.orchestrate", *args], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout  # fmt: skip
+
+    planned = json.loads(run("--set", "core,broken", "--list", "--json"))
+    assert planned == run("--set", "core", "--list").split() + run("--set", "broken", "--list").split()
+    assert planned == CELLS["sets"]["core"] + CELLS["sets"]["broken"]
 
 
 def test_dockerfile_defaults_are_the_latest_cells_stack() -> None:

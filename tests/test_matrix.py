@@ -297,3 +297,41 @@ def test_matrix_arguments_and_files_fail_in_one_line(tmp_path, monkeypatch) -> N
 def test_report_of_a_folder_without_results_says_so(tmp_path, capsys) -> None:
     assert report.main([str(tmp_path / "nonexistent")]) == 2
     assert "no cell results" in capsys.readouterr().err and not (tmp_path / "nonexistent").exists()
+
+
+def test_cells_run_side_by_side_with_jobs(tmp_path, monkeypatch) -> None:
+    """--jobs N runs N cells at once: two 1.5 s cells take about 1.5 s, not 3 (a stand-in backend)."""
+    import threading
+    import time
+
+    from dymu.matrix import backends, orchestrate
+
+    running, peak = [0], [0]
+    lock = threading.Lock()
+
+    class Sleepy:
+        name = "sleepy"
+        results = tmp_path / "reports" / "cells"
+
+        def unavailable(self):
+            return None
+
+        def run_cell(self, name, cell, log_path, timeout):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            time.sleep(1.5)
+            with lock:
+                running[0] -= 1
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path.write_text("boom\nRuntimeError: planted")
+            return backends.CellRun(1, False)
+
+    monkeypatch.setattr(orchestrate, "ROOT", tmp_path)
+    monkeypatch.setattr(backends, "get_backend", lambda name, root: Sleepy())
+    monkeypatch.setattr(orchestrate.report, "build", lambda reports: {"summary": []})
+    started = time.time()
+    assert orchestrate.main(["--set", "quick", "--jobs", "2", "--force"], log=lambda line: None) == 0
+    assert peak[0] == 2 and time.time() - started < 2.9
+    results = sorted(p.name for p in (tmp_path / "reports" / "cells").glob("*.json"))
+    assert results == sorted(f"{n}.json" for n in cells.load()["sets"]["quick"])

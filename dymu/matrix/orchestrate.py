@@ -8,6 +8,7 @@ Standard library only: it runs in nox's own interpreter (`import dymu.matrix` im
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
@@ -46,15 +47,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per cell (default 1800)")
     p.add_argument("--force", action="store_true", help="re-run cells whose result is fresh")
     p.add_argument("--list", action="store_true", help="print the selected cells and exit")
+    p.add_argument(
+        "--json", action="store_true", help="with --list: a JSON list (the GitHub workflow's plan job)"
+    )
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once (default 1)")
     return p
 
 
 def select(data: dict[str, Any], set_name: str, names: list[str] | None) -> list[str]:
     """The cells to run, or ValueError naming an unknown set or cell."""
-    if names is None:
-        if set_name not in data["sets"]:
-            raise ValueError(f"unknown set {set_name!r}; sets: {', '.join(data['sets'])}")
-        names = data["sets"][set_name]
+    if names is None:  # `core` or several sets, `core,broken`, in order without repeats
+        names = []
+        for one in filter(None, set_name.split(",")):
+            if one not in data["sets"]:
+                raise ValueError(f"unknown set {one!r}; sets: {', '.join(data['sets'])}")
+            names += [n for n in data["sets"][one] if n not in names]
     unknown = [n for n in names if n not in data["cells"]]
     if unknown:
         raise ValueError(f"unknown cells: {', '.join(unknown)}")
@@ -150,8 +157,11 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> i
         log(f"matrix: error: {err}")
         return 2
     if args.list:
-        print("\n".join(members))
+        print(json.dumps(members) if args.json else "\n".join(members))
         return 0
+    if args.jobs < 1:
+        log("matrix: error: --jobs must be at least 1")
+        return 2
     backend = backends.get_backend(args.backend, ROOT)
     why_not = backend.unavailable()
     if why_not:
@@ -169,11 +179,16 @@ def _run_members(data: dict[str, Any], members: list[str], backend: backends.Bac
                  log: Callable[[str], None]) -> int:  # fmt: skip
     code = code_digest(ROOT)
     known = outcome.known_signatures()
+    todo = []
     for name in members:
         cell = data["cells"][name]
         if not args.force and is_fresh(_read(backend.results / f"{name}.json"), code, cell):
             log(f"cell {name}: fresh result for this code and these versions, skipped (--force re-runs)")
-            continue
+        else:
+            todo.append(name)
+
+    def one(name: str) -> None:
+        cell = data["cells"][name]
         log(f"cell {name}: python {cell['python']}, torch {cell['torch']} + transformers {cell['transformers']} "
             f"({backend.name}) ...")  # fmt: skip
         started = time.time()
@@ -181,6 +196,11 @@ def _run_members(data: dict[str, Any], members: list[str], backend: backends.Bac
         log(
             f"cell {name}: {outcome.outcome(result)} (expected {result['expected']}) in {time.time() - started:.0f} s"
         )
+
+    # cells are separate processes with their own venvs and files: N of them can run at once
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for future in [pool.submit(one, name) for name in todo]:
+            future.result()
     built = report.build(ROOT / "reports")
     log(f"wrote {ROOT / 'reports' / 'matrix.md'}")
     unexpected = [r["cell"] for r in built["summary"] if r["cell"] in members and not r["as_expected"]]
