@@ -31,6 +31,14 @@ def test_container_script_installs_the_cells_pins_and_runs_the_runner() -> None:
     assert "-e '/tmp/work[test]'" in script  # the runner finds the golden file next to the source copy
 
 
+def test_docker_options_come_from_the_matrix_command_line(tmp_path) -> None:
+    cell = CELLS["cells"]["latest"]
+    assert backends.get_backend("docker", tmp_path).base_image(cell) == cell["image"]
+    chosen = backends.get_backend("docker", tmp_path, base="debian-local:bookworm", gpus_choice="none")
+    assert chosen.base_image(cell) == "debian-local:bookworm" and chosen.gpus() is False
+    assert backends.get_backend("docker", tmp_path, gpus_choice="all").gpus() is True
+
+
 def test_docker_backend_reports_why_it_cannot_run(monkeypatch, tmp_path) -> None:
     backend = backends.get_backend("docker", tmp_path)
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
@@ -104,7 +112,7 @@ def test_a_real_cell_runs_in_a_container(tmp_path) -> None:
             shutil.copy(src, root / part)
         else:
             shutil.copytree(src, root / part, ignore=shutil.ignore_patterns("__pycache__"))
-    backend = backends.DockerBackend(root)
+    backend = backends.DockerBackend(root, base=_engine_and_base())
     run = backend.run_cell("latest", CELLS["cells"]["latest"], tmp_path / "latest.log", timeout=1500)
     log = (tmp_path / "latest.log").read_text()
     assert (run.returncode, run.timed_out) == (0, False), log[-3000:]

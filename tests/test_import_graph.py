@@ -24,7 +24,7 @@ FLOORS = {  # module (or package prefix) -> floor, from the ground up
 }  # fmt: skip
 # top-level packages a function may import: optional dependencies that are absent in some cells
 OPTIONAL = {"llava", "triton", "docker", "requests", "skimage", "matplotlib", "pycocoevalcap", "jsonschema"}
-ENV_VARS = {"DYMU_CACHE", "DYMU_DOCKER_BASE", "DYMU_DOCKER_GPUS", "DYMU_EXTRA_CA_CERT"}
+ENV_VARS = {"DYMU_CACHE", "DYMU_EXTRA_CA_CERT"}
 GRAPH = build()
 
 

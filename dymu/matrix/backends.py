@@ -4,10 +4,9 @@ at reports/cells/<cell>.json and the combined output in a log. Everything else (
 failure classes, the report) is the same whichever backend ran the cell.
 
 Standard library only (the Docker SDK is imported where the Docker backend needs it).
-Environment: DYMU_DOCKER_BASE (replace every cell's CUDA base image, e.g. with a local one where
-no registry is reachable), DYMU_DOCKER_GPUS (all|none; default: all when the engine has the NVIDIA
-runtime), DYMU_EXTRA_CA_CERT (PEM text of extra CAs to trust in the image, for a TLS-inspecting
-proxy; compose.yaml takes the same variable).
+The Docker backend's base image and GPUs are matrix options (`--docker-base`, `--docker-gpus`);
+DYMU_EXTRA_CA_CERT (PEM text of extra CAs to trust in the image, for a TLS-inspecting proxy) is
+the one environment variable, shared with compose.yaml.
 """
 
 from __future__ import annotations
@@ -139,14 +138,16 @@ def container_script(name: str, cell: dict[str, Any]) -> str:
 @dataclass
 class DockerBackend:
     """A container per cell, through the Docker SDK. The image is the cell's CUDA base image
-    (envs/cells.toml `[images]`; DYMU_DOCKER_BASE overrides it, e.g. where no registry can be
-    reached) plus Python and uv (the `cell` target of docker/Dockerfile), built once per base and Python
+    (envs/cells.toml `[images]`; `base` replaces it, e.g. with a local image where no registry can
+    be reached) plus Python and uv (the `cell` target of docker/Dockerfile), built once per base and Python
     (DYMU_EXTRA_CA_CERT: PEM text of extra CAs to trust, for a TLS-inspecting proxy). The
     container installs the cell's pins with the host's uv cache mounted, runs the cell runner on
     a copy of the read-only source and writes reports/cells/<cell>.json. GPUs are passed through
-    when the engine has the NVIDIA runtime (DYMU_DOCKER_GPUS=all|none overrides)."""
+    when the engine has the NVIDIA runtime (`gpus` = all|none overrides)."""
 
     root: Path
+    base: str | None = None
+    gpus_choice: str = "auto"
     name: str = "docker"
 
     @property
@@ -170,7 +171,7 @@ class DockerBackend:
         return None
 
     def base_image(self, cell: dict[str, Any]) -> str:
-        return os.environ.get("DYMU_DOCKER_BASE") or cell["image"]
+        return self.base or cell["image"]
 
     def image(self, cell: dict[str, Any], log) -> str:
         """dymu-cell:<base>-py<python>, built from docker/Dockerfile (target `cell`) when missing."""
@@ -199,9 +200,8 @@ class DockerBackend:
         return tag
 
     def gpus(self) -> bool:
-        choice = os.environ.get("DYMU_DOCKER_GPUS", "auto")
-        if choice != "auto":
-            return choice == "all"
+        if self.gpus_choice != "auto":
+            return self.gpus_choice == "all"
         return "nvidia" in (self._client().info().get("Runtimes") or {})
 
     def run_cell(self, name: str, cell: dict[str, Any], log_path: Path, timeout: float) -> CellRun:
@@ -261,8 +261,9 @@ class DockerBackend:
 BACKENDS = {"local": LocalBackend, "docker": DockerBackend}
 
 
-def get_backend(name: str, root: Path) -> Backend:
-    """The named backend, or ValueError naming the ones that exist."""
+def get_backend(name: str, root: Path, **options: Any) -> Backend:
+    """The named backend (with its options, e.g. the Docker backend's `base`), or ValueError naming
+    the ones that exist."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[name](root)
+    return BACKENDS[name](root, **options)

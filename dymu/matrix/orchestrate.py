@@ -51,6 +51,10 @@ def parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="with --list: a JSON list (the GitHub workflow's plan job)"
     )
     p.add_argument("--jobs", type=int, default=1, help="cells run at once (default 1)")
+    p.add_argument("--docker-base", default=None, help="docker backend: one base image for every cell (e.g. a "
+                   "local one where no registry is reachable) instead of the CUDA image cells.toml names")  # fmt: skip
+    p.add_argument("--docker-gpus", choices=["auto", "all", "none"], default="auto",
+                   help="docker backend: pass the GPUs through (auto: when the engine has the NVIDIA runtime)")  # fmt: skip
     return p
 
 
@@ -162,7 +166,8 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> i
     if args.jobs < 1:
         log("matrix: error: --jobs must be at least 1")
         return 2
-    backend = backends.get_backend(args.backend, ROOT)
+    options = {"base": args.docker_base, "gpus_choice": args.docker_gpus} if args.backend == "docker" else {}
+    backend = backends.get_backend(args.backend, ROOT, **options)
     why_not = backend.unavailable()
     if why_not:
         log(f"matrix: error: {why_not}")
