@@ -2,33 +2,35 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+import torch
+
+import dymu
+from dymu.compat.shims import bin_blocked
+from dymu.errors import DymuError
+from dymu.testing.sample_images import make_sample_images
+from dymu.testing.tiny import build_tiny_checkpoints
+from dymu.vision_loading import load_vision_tower
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny LLaVA-1.5 fixture in both formats, built once per test session (dir name -> path)."""
-    from dymu.testing.tiny import build_tiny_checkpoints
-
     return build_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="session")
 def images():
     """Eight structured sample images (flat regions, textures, two non-square)."""
-    from dymu.testing.sample_images import make_sample_images
-
     return make_sample_images(8)
 
 
 @pytest.fixture(scope="session")
 def calibrated(tiny_checkpoints, images):
     """Thresholds for the tiny CLIP tower, calibrated to 16 of 64 tokens on the sample images."""
-    import dymu
-    from dymu.vision_loading import load_vision_tower
-
     tower, processor = load_vision_tower(tiny_checkpoints["clip"])
     return dymu.calibrate(tower, images, target_tokens=16, batch_size=8, processor=processor, progress=False)
 
@@ -37,13 +39,6 @@ def calibrated(tiny_checkpoints, images):
 def load_unmerged():
     """`dymu.load(path)` with merging off; where this stack refuses `.bin` weights, check that
     refusal names the fix and return None instead."""
-    import math
-
-    import torch
-
-    import dymu
-    from dymu.compat.shims import bin_blocked
-    from dymu.errors import DymuError
 
     def load(path, serialization: str):
         if serialization == "bin" and bin_blocked():

@@ -4,6 +4,7 @@ versions need it, the negative control reproduces the documented error."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import dymu
 from dymu.compat import registry, shims
@@ -61,13 +62,10 @@ def test_disabling_the_causal_mask_fix_brings_back_its_documented_error(
     assert registry.disabled() == {"causal-mask", "scatter"} and not registry.active("causal-mask")
     fix = registry.fixes()["causal-mask"]
     assert check(fix, negative=False)["disabled"]
-    if not registry.needed("causal-mask") and not registry.needed(
-        "mask-helper"
-    ):  # 4.41-4.52: old API is right
-        assert model.prepare(prompts, images[:2]).visual_tokens == fine.visual_tokens
+    if not registry.needed("causal-mask"):  # before 4.53 the unfixed path is the right one: nothing changes
+        again = model.prepare(prompts, images[:2])
+        assert again.visual_tokens == fine.visual_tokens and torch.equal(again.virtual_ids, fine.virtual_ids)
         return
-    if registry.needed("mask-helper"):
-        pytest.skip("before 4.41 the fix that is needed is mask-helper")
     with pytest.raises(AttributeError, match=fix.error):
         model.prepare(prompts, images[:2])
     with pytest.raises(AttributeError, match=fix.error):
