@@ -160,7 +160,8 @@ def quality(rows: list[dict[str, Any]], data: DataFile, random_weights: bool) ->
         if by_index[str(r["index"])].references
     }
     if refs:
-        preds = {k: next(r["text"] for r in ok if str(r["index"]) == k) for k in refs}
+        texts = {str(r["index"]): r["text"] for r in ok}
+        preds = {k: texts[k] for k in refs}
         try:
             return {"kind": "captions", "note": note, **caption_metrics(preds, refs)}
         except Exception as err:  # an optional scorer: say why there is no number

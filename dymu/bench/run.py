@@ -10,7 +10,6 @@ forward) or `prepare` (DToMe + VTU).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import sys
@@ -34,6 +33,7 @@ from ..errors import DymuError
 from ..generation import PreparedBatch, decode_path, generate_prepared, prepare, stock_prepare
 from ..images import load_image
 from ..jsonsafe import dumps
+from ..matrix.digest import code_digest
 from ..options import Options
 from ..testing.builders import clip_processor, random_llava
 from ..testing.tiny import ensure_tiny_checkpoints
@@ -323,17 +323,12 @@ def _read_rows(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]
     return header, rows
 
 
-def json_line(obj: Any) -> str:
-    """One strict JSON line (non-finite floats as null)."""
-    return dumps(obj)
-
-
 def run_info(cfg: BenchConfig, data: DataFile, device: torch.device, weights: str, modes: list[Mode],
              argv: list[str]) -> dict[str, Any]:  # fmt: skip
     return {
         "argv": argv, "settings": cfg.settings(), "data_file": str(data.path), "data_sha256": data.sha256,
         "weights": weights, "device": device_name(device), "dtype": cfg.dtype, "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "code_revision": code_revision(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "code_revision": code_digest(),
         "modes": [{"name": m.name, "kind": m.kind, "vtu": m.vtu, "thresholds": m.thresholds_file,
                    "options": asdict(m.options) if m.options else None} for m in modes],
         "timing": "CUDA events at stage edges, synchronised once per batch; TTFT and e2e are host times after "
@@ -341,16 +336,6 @@ def run_info(cfg: BenchConfig, data: DataFile, device: torch.device, weights: st
         "batch_kind": "latency (batch 1)" if cfg.batch_size == 1 else f"throughput (batch {cfg.batch_size}, "
         "per-sample times are the batch's)",
     }  # fmt: skip
-
-
-def code_revision() -> str:
-    """The dymu source digest (the same one the matrix records)."""
-    digest = hashlib.sha256()
-    root = Path(__file__).resolve().parents[1]
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def run(cfg: BenchConfig, argv: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
@@ -386,7 +371,7 @@ def run(cfg: BenchConfig, argv: list[str]) -> tuple[dict[str, Any], list[dict[st
     info = run_info(cfg, data, device, weights, modes, argv)
     with stream.open("a", encoding="utf-8") as out:
         if not done:
-            out.write(json_line({"type": "settings", "settings": cfg.settings(), "data_sha256": data.sha256,
+            out.write(dumps({"type": "settings", "settings": cfg.settings(), "data_sha256": data.sha256,
                                  "run": info}) + "\n")  # fmt: skip
         warm = [data.samples[i % len(data.samples)] for i in range(cfg.warmup * cfg.batch_size)]
         for (
@@ -412,7 +397,7 @@ def run(cfg: BenchConfig, argv: list[str]) -> tuple[dict[str, Any], list[dict[st
                             if (mode.name, str(sample.index)) not in done:
                                 row = _failed_row(mode, sample, str(err), batch_index)
                                 rows.append(row)
-                                out.write(json_line(row) + "\n")
+                                out.write(dumps(row) + "\n")
                 for mode in modes:  # interleaved: every mode runs each batch before the next batch
                     pending = [s for s in ready if (mode.name, str(s.index)) not in done]
                     if not pending:
@@ -427,7 +412,7 @@ def run(cfg: BenchConfig, argv: list[str]) -> tuple[dict[str, Any], list[dict[st
                                     for s in pending]  # fmt: skip
                     for row in new_rows:
                         rows.append(row)
-                        out.write(json_line(row) + "\n")
+                        out.write(dumps(row) + "\n")
                     out.flush()
                 bar.update(len(chunk))
         except KeyboardInterrupt:

@@ -237,10 +237,10 @@ def _negative_cache_keyword() -> None:
 
 
 def _verify_static_cache() -> str:
-    why = shims.static_cache_supported(tiny_hf_llava())
+    model = tiny_hf_llava()
+    why = shims.static_cache_supported(model)
     if why:
         return f"static decode unavailable here ({why}); decode stays dynamic"
-    model = tiny_hf_llava()
     dynamic, _ = _prefilled_generate(model, lambda k, v: shims.new_cache(model, k, v))
     static, want = _prefilled_generate(
         model, lambda k, v: shims.static_cache(model.config.get_text_config(), k, v, 16)
