@@ -36,11 +36,8 @@ from .vision_loading import load_vision_tower
 EXIT_USAGE = 2
 
 
-def _dtype(name: str) -> torch.dtype:
-    return dtype_from(name)
-
-
 def _device(name: str) -> str:
+    """The `--device` string, once it names a device this machine has."""
     device_from(name)
     return name
 
@@ -80,7 +77,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if args.images is None:
             raise DymuError("--images DIR is required with --model (a folder of calibration images)")
 
-    tower, processor = load_vision_tower(model_path, dtype=_dtype(args.dtype), device=_device(args.device))
+    tower, processor = load_vision_tower(
+        model_path, dtype=dtype_from(args.dtype), device=_device(args.device)
+    )
     if args.model is not None:
         images = list_images(args.images)
     thresholds = calibrate(
@@ -95,7 +94,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     tokens = []
     for start in range(0, len(images), args.batch_size):
         pixels = preprocess(images[start : start + args.batch_size], processor).to(
-            args.device, _dtype(args.dtype)
+            args.device, dtype_from(args.dtype)
         )
         tokens.append(encode_images(tower, pixels, thresholds, args.feature_layer).num_tokens.cpu())
     counts = torch.cat(tokens).float()
@@ -163,7 +162,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise DymuError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    _dtype(args.dtype), _device(args.device)
+    dtype_from(args.dtype)
+    _device(args.device)
     if args.model_path is not None:
         read_config(args.model_path)  # fail on a bad model path before touching the images
     images = [load_image(p) for p in args.image] if args.image else None
@@ -186,7 +186,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if args.stock:
         thresholds = None
     model = load(model_path, thresholds=thresholds, vtu=args.vtu, family=args.family,
-                 dtype=_dtype(args.dtype), device=_device(args.device), options=options_from(args))  # fmt: skip
+                 dtype=dtype_from(args.dtype), device=_device(args.device), options=options_from(args))  # fmt: skip
     prompt = args.prompt if args.raw_prompt else format_prompt(args.prompt, args.conv_mode)
     answers = model.generate([prompt] * len(images), images, max_new_tokens=args.max_new_tokens)
     names = args.image or [f"sample-{i}" for i in range(len(images))]
