@@ -267,3 +267,19 @@ def test_stock_variants_take_only_the_decode_switch() -> None:
         ("stock", None), ("stock", "dynamic"), ("dymu", "static")]  # fmt: skip
     with pytest.raises(DymuError, match="unknown option"):
         bench_run.parse_modes("stock-x:vtu=none", "fast", None)
+
+
+def test_a_modes_switches_reach_its_prefill(tmp_path, monkeypatch) -> None:
+    """`graphs=` / `fused=` of one mode must reach that mode's tower and VTU, not only its decode."""
+    seen: list[tuple[bool, bool]] = []
+    real = bench_run.prepare
+
+    def recording(*args, **kwargs):
+        options = args[5]
+        seen.append((options.cuda_graphs, options.fused_rope))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_run, "prepare", recording)
+    modes = "dymu-a:graphs=on;fused=off,dymu-b:graphs=off;fused=on"
+    bench_run.run(_cfg(tmp_path, modes=modes, limit=1, warmup=0), ["test"])
+    assert set(seen) == {(True, False), (False, True)}

@@ -218,6 +218,7 @@ def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[
               device: torch.device, batch_index: int) -> list[dict[str, Any]]:  # fmt: skip
     """One batch in one mode: stage edges, every step, counts and memory; one row per sample."""
     clock = StageClock(device)
+    options = mode.options or model.options  # one mode's switches reach its tower, VTU and decode
     captures = capture_count(model.parts.vision)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -232,7 +233,7 @@ def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[
         batch = stock_prepare(model.parts, ids, pixels, on_stage=clock.mark)
     else:
         batch = prepare(
-            model.parts, ids, pixels, mode.thresholds, mode.vtu, model.options, on_stage=clock.mark
+            model.parts, ids, pixels, mode.thresholds, mode.vtu, options, on_stage=clock.mark
         )
     clock.mark("prefill")
     gen: dict[str, Any] = {
@@ -244,7 +245,6 @@ def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[
         gen.update(do_sample=True, temperature=cfg.temperature, top_p=1.0, top_k=0)
     if cfg.ignore_eos:
         gen["min_new_tokens"] = cfg.max_new_tokens
-    options = mode.options or model.options
     decode = decode_path(model.parts, options)[0]
     out = generate_prepared(model.parts, batch, cfg.max_new_tokens, options, **gen)
     clock.host_mark("end")
