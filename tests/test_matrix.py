@@ -335,3 +335,181 @@ def test_cells_run_side_by_side_with_jobs(tmp_path, monkeypatch) -> None:
     assert peak[0] == 2 and time.time() - started < 2.9
     results = sorted(p.name for p in (tmp_path / "reports" / "cells").glob("*.json"))
     assert results == sorted(f"{n}.json" for n in cells.load()["sets"]["quick"])
+
+
+def _session_members(sessions: set[int]) -> list[str]:
+    """Live (not zombie) processes whose session is one of `sessions`, read from /proc."""
+    found = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # gone while we looked
+            continue
+        fields = text.rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, session, ...
+        if fields[0] != "Z" and int(fields[3]) in sessions:
+            found.append(f"{stat.parent.name} {text[:80]}")
+    return found
+
+
+def _strict_json(path: pathlib.Path):
+    def refuse(constant: str):
+        raise ValueError(f"{path}: {constant} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_matrix_run_leaves_no_process_and_records_the_cell_as_interrupted(
+    tmp_path, sig
+) -> None:
+    """A whole matrix run (orchestrate.main in its own process and session, a stand-in cell that
+    is a real process group in mid-run) gets SIGINT (Ctrl-C) or SIGTERM (a cancelled CI job)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, pids = tmp_path / "root", tmp_path / "pids"
+    root.mkdir()
+    pids.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    command = [sys.executable, str(ROOT / "tests" / "matrix_standin.py"), str(root), str(pids),
+               "--set", "quick", "--force", "--timeout", "120"]  # fmt: skip
+    run = subprocess.Popen(command, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    first = cells.load()["sets"]["quick"][0]
+    try:
+        deadline = time.time() + 30
+        while not (pids / first).is_file():
+            assert run.poll() is None and time.time() < deadline, (
+                run.communicate()[0] if run.poll() else "no cell"
+            )
+            time.sleep(0.05)
+        runner, child = (int(x) for x in (pids / first).read_text().split())
+        alive = {int(line.split()[0]) for line in _session_members({runner})}
+        assert {runner, child} <= alive, "the cell's runner and its child must be alive before the signal"
+        run.send_signal(getattr(signal, sig))
+        output = run.communicate(timeout=30)[0]
+    finally:
+        if run.poll() is None:  # the test failed: do not leave the run behind
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 130, output
+    for _ in range(50):  # the cell's group was SIGKILLed; give the kernel a moment to reap re-parented ones
+        left = _session_members({run.pid, runner})
+        if not left:
+            break
+        time.sleep(0.1)
+    assert left == [], f"processes of the interrupted run survived: {left}"
+    reports = root / "reports"
+    files = sorted(reports.rglob("*.json"))
+    assert files and all(_strict_json(p) is not None for p in files)  # strict: no NaN / Infinity
+    result = _strict_json(reports / "cells" / f"{first}.json")
+    assert result["status"] == "fail" and result["failure"]["class"] == "interrupted"
+    assert result["as_expected"] is False and result["runner_started"] is True
+    assert outcome.outcome(result) != "pass"
+    assert not (reports / "cells" / f"{first}.runner.json").exists(), (
+        "the partial file is the loop's to remove"
+    )
+    second = cells.load()["sets"]["quick"][1]
+    assert not (reports / "cells" / f"{second}.json").exists(), "a cell that never started has no result"
+    summary = {r["cell"]: r for r in _strict_json(reports / "matrix.json")["summary"]}
+    assert summary[first]["as_expected"] is False and "interrupted" in output
+
+
+SCRIPTED_RUNNER = """
+import datetime, json, os, signal, sys
+out, name, mode = sys.argv[1:4]
+if mode in ("started", "other-cell"):
+    cell = name if mode == "started" else "someone-else"
+    open(out, "w").write(json.dumps({"cell": cell, "status": "running",
+                                     "started": datetime.datetime.now().isoformat()}))
+if mode == "install-fails":
+    print("error: Failed to download torch")
+    sys.exit(1)
+print("killing myself", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "cls", "as_expected"),
+    [
+        ("started", "crash", True),  # the runner wrote its partial file, then died by SIGKILL
+        ("never-started", "install-failure", False),  # killed before the runner began (e.g. in uv)
+        ("install-fails", "install-failure", False),  # the environment could not be built
+        ("other-cell", "install-failure", False),  # a partial file, but not this cell's: no evidence
+    ],
+)
+def test_an_expected_crash_needs_evidence_that_the_runner_started(tmp_path, mode, cls, as_expected) -> None:
+    import sys
+
+    from dymu.matrix import backends, orchestrate
+
+    class Scripted:
+        name = "scripted"
+        results = tmp_path / "cells"
+
+        def run_cell(self, name, cell, log_path, timeout):
+            out = backends.runner_file(self.results, name)
+            return backends.run_logged([sys.executable, "-c", SCRIPTED_RUNNER, str(out), name, mode], log_path,
+                                       60, tmp_path)  # fmt: skip
+
+    Scripted.results.mkdir()
+    cell = cells.load()["cells"]["self-kill"]
+    assert cell["expect"] == "crash"
+    result = orchestrate.run_one(Scripted(), "self-kill", cell, 60, [])
+    assert result["failure"]["class"] == cls and result["as_expected"] is as_expected
+    assert result["runner_started"] is (mode == "started")
+    written = json.loads((tmp_path / "cells" / "self-kill.json").read_text())
+    assert (
+        written["as_expected"] is as_expected and not (tmp_path / "cells" / "self-kill.runner.json").exists()
+    )
+
+
+def test_runner_evidence_must_name_the_cell_and_its_start() -> None:
+    from dymu.matrix import orchestrate
+
+    good = {"cell": "a", "started": "2025-01-01T00:00:00+00:00", "status": "running"}
+    assert orchestrate.runner_evidence(good, "a") == good
+    assert orchestrate.runner_evidence(good, "b") is None
+    assert orchestrate.runner_evidence({"cell": "a", "status": "running"}, "a") is None
+    assert orchestrate.runner_evidence(None, "a") is None and orchestrate.runner_evidence([1], "a") is None
+
+
+def test_a_stale_partial_file_is_no_evidence(tmp_path) -> None:
+    import os
+
+    from dymu.matrix import orchestrate
+
+    partial = tmp_path / "x.runner.json"
+    partial.write_text(json.dumps({"cell": "x", "started": "then", "status": "running"}))
+    os.utime(partial, (1_000_000, 1_000_000))
+    assert orchestrate._read(partial, started_after=2_000_000) is None
+    assert orchestrate._read(partial, started_after=500_000)["cell"] == "x"
+
+
+def test_base_image_digests_are_checked_and_used(tmp_path) -> None:
+    text = (ROOT / "envs" / "cells.toml").read_text()
+    digest = "sha256:" + "ab" * 32
+    pinned = text.replace('"2.15" = "nvidia/cuda:13.0.0-base-ubuntu22.04"',
+                          f'"2.15" = {{tag = "nvidia/cuda:13.0.0-base-ubuntu22.04", base_digest = "{digest}"}}')  # fmt: skip
+    assert pinned != text
+    (tmp_path / "cells.toml").write_text(pinned)
+    latest = cells.load(tmp_path / "cells.toml")["cells"]["latest"]
+    assert cells.image_ref(latest) == f"nvidia/cuda:13.0.0-base-ubuntu22.04@{digest}"
+    assert cells.image_ref(cells.load()["cells"]["latest"]) == "nvidia/cuda:13.0.0-base-ubuntu22.04"
+    for bad in (digest.upper(), "sha256:abc", "md5:" + "ab" * 32):
+        (tmp_path / "cells.toml").write_text(pinned.replace(digest, bad))
+        with pytest.raises(ValueError, match="is not sha256:<64 lowercase hex digits>"):
+            cells.load(tmp_path / "cells.toml")
+    (tmp_path / "cells.toml").write_text(pinned.replace("base_digest", "digest"))
+    with pytest.raises(ValueError, match="unknown keys: digest"):
+        cells.load(tmp_path / "cells.toml")
+    own = {"python": "3.11", "torch": "2.15.0", "transformers": "5.24.0", "base_digest": digest}
+    with pytest.raises(ValueError, match="set `image` too"):
+        cells.validate("c", own, {})
+    cells.validate("c", {**own, "image": "debian:bookworm"}, {})
+    with pytest.raises(ValueError, match="base_digest 'sha256:1' is not"):
+        cells.validate("c", {**own, "image": "debian:bookworm", "base_digest": "sha256:1"}, {})

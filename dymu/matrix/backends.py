@@ -3,15 +3,18 @@ build the cell's environment, run the cell runner in it with a timeout, leave th
 at reports/cells/<cell>.json and the combined output in a log. Everything else (freshness,
 failure classes, the report) is the same whichever backend ran the cell.
 
+Every running cell is registered in `LIVE`, so an interrupt of the matrix loop (Ctrl-C, SIGTERM)
+can kill them all from the main thread, whichever worker thread waits on them.
+
 Standard library only (the Docker SDK is imported where the Docker backend needs it).
 The Docker backend's base image and GPUs are matrix options (`--docker-base`, `--docker-gpus`);
-DYMU_EXTRA_CA_CERT (PEM text of extra CAs to trust in the image, for a TLS-inspecting proxy) is
-the one environment variable, shared with compose.yaml.
+its environment variables (DYMU_EXTRA_CA_CERT, DYMU_UID, DYMU_GID) are checked by docker_env.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import shlex
@@ -19,11 +22,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .cells import requirements, runner_args
+from . import docker_env
+from .cells import image_ref, requirements, runner_args
 
 
 @dataclass
@@ -33,6 +40,54 @@ class CellRun:
     returncode: int | None
     timed_out: bool
     oom_killed: bool = False  # the kernel's (or the container's) evidence, not a guess from the log
+    interrupted: bool = False  # killed because the matrix run was interrupted, not by its own doing
+
+
+class LiveCells:
+    """The cells running now, each with a function that kills it. Worker threads wait on their
+    cells; a signal reaches only the main thread, which calls `stop()` to kill every one of them
+    (a cell registered after `stop()` is killed at once, so none slips through)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kills: dict[int, Callable[[], None]] = {}
+        self._ids = itertools.count()
+        self._stopping = False
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def reset(self) -> None:
+        """A new matrix run (tests run several in one process)."""
+        with self._lock:
+            self._kills.clear()
+            self._stopping = False
+
+    def add(self, kill: Callable[[], None]) -> int:
+        with self._lock:
+            key = next(self._ids)
+            self._kills[key] = kill
+            stopping = self._stopping
+        if stopping:
+            kill()
+        return key
+
+    def discard(self, key: int) -> None:
+        with self._lock:
+            self._kills.pop(key, None)
+
+    def stop(self) -> None:
+        """Kill every running cell; later ones are killed as they register."""
+        with self._lock:
+            self._stopping = True
+            kills = list(self._kills.values())
+        for kill in kills:
+            with contextlib.suppress(Exception):  # one cell that is already gone must not spare the rest
+                kill()
+
+
+LIVE = LiveCells()
 
 
 class Backend(Protocol):
@@ -68,19 +123,27 @@ def run_logged(command: list[str], log_path: Path, timeout: float, cwd: Path) ->
     """Run `command` in its own process group with stdout+stderr into `log_path`. On a timeout or
     an interrupt the whole group is killed (no orphan keeps running, or writing)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    if LIVE.stopping:  # the run was interrupted before this cell started
+        return CellRun(None, False, interrupted=True)
     before = oom_kills()
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
         )
+        key = LIVE.add(lambda: _signal_group(proc))
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             return CellRun(None, True)
-        except BaseException:  # Ctrl-C in the matrix loop: take the cell down with it
+        except BaseException:  # Ctrl-C where the loop waits in this thread: take the cell down with it
             _kill_group(proc)
             raise
+        finally:
+            LIVE.discard(key)
+    _signal_group(proc)  # whatever of the cell's group outlived its leader goes with it
+    if LIVE.stopping:
+        return CellRun(code, False, interrupted=True)
     after = oom_kills()
     return CellRun(
         code,
@@ -89,9 +152,13 @@ def run_logged(command: list[str], log_path: Path, timeout: float, cwd: Path) ->
     )
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):  # the group may already be gone
+def _signal_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group may already be gone
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    _signal_group(proc)
     proc.wait()
 
 
@@ -118,13 +185,21 @@ class LocalBackend:
                           timeout, self.root)  # fmt: skip
 
 
+# What the runner needs from the checkout (the library, the patch data, the golden outputs and the
+# packaging files); each is mounted read-only on its own, so .git (its config, remotes, hooks),
+# reports/ and anything else in the checkout stay out of the container.
+SOURCES = ("dymu", "patches", "tests/golden", "pyproject.toml", "README.md")
+CACHE_IN_CONTAINER = "/uv-cache"
+
+
 def container_script(name: str, cell: dict[str, Any]) -> str:
-    """What a Docker cell runs: copy the (read-only) source, build the venv with uv, run the runner."""
+    """What a Docker cell runs: copy the (read-only) sources, build the venv with uv, run the runner."""
     reqs = " ".join(shlex.quote(r) for r in requirements(cell))
     legacy = " ".join(shlex.quote(r) for r in cell.get("legacy", []))
     lines = [
         "set -euo pipefail",
-        "mkdir -p /tmp/work && cp -r /src/dymu /src/patches /src/tests /src/pyproject.toml /src/README.md /tmp/work/",
+        "mkdir -p /tmp/work/tests && cp -r /src/dymu /src/patches /src/pyproject.toml /src/README.md /tmp/work/ "
+        "&& cp -r /src/tests/golden /tmp/work/tests/",
         f"uv venv -q /tmp/cell --python python{cell['python']}",
         "export VIRTUAL_ENV=/tmp/cell PATH=/tmp/cell/bin:$PATH",
         f"uv pip install -q {reqs}",
@@ -135,20 +210,62 @@ def container_script(name: str, cell: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def container_user(environ: dict[str, str] | None = None) -> tuple[int, int]:
+    """The uid:gid containers run as: DYMU_UID/DYMU_GID, else the invoking user's, and never root
+    (a root caller's containers run as the image's `dymu` user, 1000:1000)."""
+    env = docker_env.check(os.environ if environ is None else environ)
+    uid = int(env.get("DYMU_UID", os.getuid()))
+    gid = int(env.get("DYMU_GID", os.getgid()))
+    return (uid, gid) if uid != 0 else (docker_env.IMAGE_UID, docker_env.IMAGE_GID)
+
+
+def _hand_over(path: Path, uid: int, gid: int) -> None:
+    """A directory the container user writes to: ours already, or (when we are root) chowned to it."""
+    if os.getuid() == 0 and (uid, gid) != (0, 0):
+        os.chown(path, uid, gid)
+
+
+def _remove_run_dir(path: Path) -> None:
+    # overlayfs leaves its work/work directory owned by root with mode 000: empty, so rmdir takes it
+    with contextlib.suppress(OSError):
+        (path / "cache-work" / "work").rmdir()
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @dataclass
 class DockerBackend:
     """A container per cell, through the Docker SDK. The image is the cell's CUDA base image
-    (envs/cells.toml `[images]`; `base` replaces it, e.g. with a local image where no registry can
-    be reached) plus Python and uv (the `cell` target of docker/Dockerfile), built once per base and Python
-    (DYMU_EXTRA_CA_CERT: PEM text of extra CAs to trust, for a TLS-inspecting proxy). The
-    container installs the cell's pins with the host's uv cache mounted, runs the cell runner on
-    a copy of the read-only source and writes reports/cells/<cell>.json. GPUs are passed through
-    when the engine has the NVIDIA runtime (`gpus` = all|none overrides)."""
+    (envs/cells.toml `[images]`, `tag@digest` where the digest is recorded; `base` replaces it, e.g.
+    with a local image where no registry can be reached) plus Python and uv (the `cell` target of
+    docker/Dockerfile), built once per base and Python (DYMU_EXTRA_CA_CERT: PEM text of extra CAs to
+    trust, for a TLS-inspecting proxy). GPUs are passed through when the engine has the NVIDIA
+    runtime (`gpus` = all|none overrides).
+
+    What a container gets, and why:
+    - sources: only SOURCES, each bind-mounted read-only (no .git/config, no other cells' results);
+    - output: a fresh per-cell directory (its only writable mount); the backend moves the runner's
+      partial file from there to reports/docker/cells/ when the container is gone;
+    - network: Docker's default bridge, not the host's network: the container reaches PyPI through
+      the engine's NAT but not services listening on the host (a proxy on the host's loopback
+      must then listen on an address the bridge reaches, given as HTTPS_PROXY in the image);
+    - uv cache: the host's cache is the read-only lower layer of an overlay volume whose upper
+      layer is a per-run directory that is thrown away after the cell, so a container reuses
+      every cached wheel but nothing it writes (a poisoned wheel, a tampered archive) reaches the
+      host's cache or a later run. uv's own verification would need hash-pinned requirements,
+      which the cells do not have. Where the engine cannot mount the overlay, or the container
+      user could not write into the host's cache directories (a root-owned cache and a non-root
+      container), the cell gets an empty private cache instead (slower: every wheel downloads);
+    - user: non-root (container_user), no capabilities, no privilege gain through setuid files;
+    - an init as PID 1, so the runner is never PID 1 (which ignores a SIGKILL it sends itself)."""
 
     root: Path
     base: str | None = None
     gpus_choice: str = "auto"
     name: str = "docker"
+
+    def __post_init__(self) -> None:
+        if self.base is not None:
+            docker_env.check_image_ref("--docker-base", self.base)
 
     @property
     def results(self) -> Path:
@@ -171,7 +288,7 @@ class DockerBackend:
         return None
 
     def base_image(self, cell: dict[str, Any]) -> str:
-        return self.base or cell["image"]
+        return self.base or image_ref(cell)
 
     def image(self, cell: dict[str, Any], log) -> str:
         """dymu-cell:<base>-py<python>, built from docker/Dockerfile (target `cell`) when missing."""
@@ -187,12 +304,12 @@ class DockerBackend:
             pass
         log.write(f"building {tag} from {base}\n")
         args = {"BASE_IMAGE": base, "PYTHON": cell["python"]}
-        ca = os.environ.get("DYMU_EXTRA_CA_CERT")
+        ca = docker_env.check(os.environ).get("DYMU_EXTRA_CA_CERT")
         if ca:  # trust a TLS-inspecting proxy's CA inside the image (public certificates, not secrets)
             args["EXTRA_CA_CERT"] = ca
-        try:
+        try:  # the build's network is the engine's default (bridge), as for the containers
             _, output = client.images.build(path=str(self.root / "docker"), dockerfile="Dockerfile", target="cell",
-                                            tag=tag, buildargs=args, network_mode="host", rm=True)  # fmt: skip
+                                            tag=tag, buildargs=args, rm=True)  # fmt: skip
         except docker.errors.BuildError as err:
             log.writelines(chunk.get("stream", "") for chunk in err.build_log)
             raise
@@ -204,58 +321,114 @@ class DockerBackend:
             return self.gpus_choice == "all"
         return "nvidia" in (self._client().info().get("Runtimes") or {})
 
+    def host_cache(self) -> Path:
+        """The host's uv cache (shared with the local backend); containers never write to it."""
+        return Path(os.environ.get("UV_CACHE_DIR", Path.home() / ".cache" / "uv"))
+
+    def mounts(self, run_dir: Path, uid: int, gid: int, log) -> dict[str, dict[str, str]]:
+        """The container's volumes: read-only sources, the per-cell output directory, the uv cache."""
+        volumes = {str(self.root / part): {"bind": f"/src/{part}", "mode": "ro"} for part in SOURCES}
+        out = run_dir / "out"
+        out.mkdir()
+        _hand_over(out, uid, gid)
+        volumes[str(out)] = {"bind": "/out", "mode": "rw"}
+        volumes.update(self.cache_mount(run_dir, uid, gid, log))
+        return volumes
+
+    def cache_mount(self, run_dir: Path, uid: int, gid: int, log) -> dict[str, dict[str, str]]:
+        """The host cache as the lower layer of a per-run overlay volume, or an empty private cache."""
+        cache = self.host_cache()
+        cache.mkdir(parents=True, exist_ok=True)
+        if cache.stat().st_uid == uid:
+            upper, work = run_dir / "cache-upper", run_dir / "cache-work"
+            upper.mkdir()
+            work.mkdir()
+            _hand_over(upper, uid, gid)
+            try:
+                volume = self._client().volumes.create(
+                    name=f"dymu-uv-{run_dir.name}", driver="local", labels={"dymu.run": run_dir.name},
+                    driver_opts={"type": "overlay", "device": "overlay",
+                                 "o": f"lowerdir={cache},upperdir={upper},workdir={work}"},
+                )  # fmt: skip
+                return {volume.name: {"bind": CACHE_IN_CONTAINER, "mode": "rw"}}
+            except Exception as err:  # an engine without overlay support: a private cache below
+                log.write(f"no overlay on the uv cache ({err}): this cell gets an empty private cache\n")
+        else:
+            log.write(f"the uv cache {cache} is not owned by the container user {uid}: "
+                      "this cell gets an empty private cache\n")  # fmt: skip
+        private = run_dir / "cache-private"
+        private.mkdir()
+        _hand_over(private, uid, gid)
+        return {str(private): {"bind": CACHE_IN_CONTAINER, "mode": "rw"}}
+
     def run_cell(self, name: str, cell: dict[str, Any], log_path: Path, timeout: float) -> CellRun:
         import docker  # noqa: PLC0415 - optional dependency
 
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        out = self.results
-        out.mkdir(parents=True, exist_ok=True)
-        uv_cache = Path(os.environ.get("UV_CACHE_DIR", Path.home() / ".cache" / "uv"))
-        uv_cache.mkdir(parents=True, exist_ok=True)
-        with log_path.open("w") as log:
-            try:
-                image = self.image(cell, log)
-            except (docker.errors.BuildError, docker.errors.APIError) as err:
-                log.write(f"Failed to build the cell image: {err}\n")
-                return CellRun(1, False)
-            log.flush()
-            env = {
-                "HOME": "/tmp",
-                "UV_CACHE_DIR": "/uv-cache",
-                "UV_LINK_MODE": "copy",
-                "UV_PYTHON_DOWNLOADS": "never",
-            }
-            volumes = {str(self.root): {"bind": "/src", "mode": "ro"}, str(out): {"bind": "/out", "mode": "rw"},
-                       str(uv_cache): {"bind": "/uv-cache", "mode": "rw"}}  # fmt: skip
-            devices = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if self.gpus() else []
-            run = self.run_container(image, container_script(name, cell), log, timeout, environment=env,
-                                     volumes=volumes, device_requests=devices, labels={"dymu.cell": name})  # fmt: skip
-        return run
+        self.results.mkdir(parents=True, exist_ok=True)
+        uid, gid = container_user()
+        run_dir = Path(tempfile.mkdtemp(prefix=f"dymu-{name}-"))
+        try:
+            with log_path.open("w") as log:
+                try:
+                    image = self.image(cell, log)
+                except (docker.errors.BuildError, docker.errors.APIError) as err:
+                    log.write(f"Failed to build the cell image: {err}\n")
+                    return CellRun(1, False)
+                log.flush()
+                env = {"HOME": "/tmp", "UV_CACHE_DIR": CACHE_IN_CONTAINER, "UV_LINK_MODE": "copy",
+                       "UV_PYTHON_DOWNLOADS": "never"}  # fmt: skip
+                devices = (
+                    [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if self.gpus() else []
+                )
+                volumes = self.mounts(run_dir, uid, gid, log)
+                run = self.run_container(image, container_script(name, cell), log, timeout, environment=env,
+                                         volumes=volumes, device_requests=devices, labels={"dymu.cell": name},
+                                         user=f"{uid}:{gid}")  # fmt: skip
+            partial = run_dir / "out" / f"{name}.runner.json"
+            if partial.is_file():  # copy2 keeps its time: the matrix checks it was written during this run
+                shutil.copy2(partial, runner_file(self.results, name))
+            return run
+        finally:
+            self._remove_volumes(run_dir.name)
+            _remove_run_dir(run_dir)
+
+    def _remove_volumes(self, run: str) -> None:
+        with contextlib.suppress(Exception):  # the volume may not exist (private cache)
+            for volume in self._client().volumes.list(filters={"label": f"dymu.run={run}"}):
+                volume.remove(force=True)
 
     def run_container(self, image: str, script: str, log, timeout: float, **options: Any) -> CellRun:
-        """Run `script` under bash in a fresh container; its output goes to `log`. A timeout kills
-        it; an OOM kill is written to the log in the words `classify` looks for; it is removed."""
+        """Run `script` under bash in a fresh container; its output goes to `log`. A timeout or an
+        interrupt of the matrix kills it; an OOM kill is written to the log; it is removed."""
         import requests  # noqa: PLC0415 - optional dependency
 
+        if LIVE.stopping:
+            return CellRun(None, False, interrupted=True)
+        options.setdefault("user", "{}:{}".format(*container_user()))
         container = self._client().containers.run(
-            image, ["bash", "-c", script], detach=True, network_mode="host",
-            user=f"{os.getuid()}:{os.getgid()}",
+            image, ["bash", "-c", script], detach=True,
+            network_mode="bridge",  # Docker's default network, never the host's (see the class doc)
+            cap_drop=["ALL"], security_opt=["no-new-privileges:true"],
             init=True,  # an init as PID 1: the runner must not be PID 1, which ignores a SIGKILL it sends itself
             **options,
         )  # fmt: skip
+        key = LIVE.add(container.kill)
         timed_out, code = False, None
         try:
             code = container.wait(timeout=timeout)["StatusCode"]
         except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
             timed_out = True
             container.kill()
+        finally:
+            LIVE.discard(key)
         log.write(container.logs().decode(errors="replace"))
         container.reload()
         oom = bool(container.attrs.get("State", {}).get("OOMKilled"))
         if oom:
             log.write("\nOOMKilled: the container ran out of memory\n")
         container.remove(force=True)
-        return CellRun(code, timed_out, oom_killed=oom)
+        return CellRun(code, timed_out, oom_killed=oom, interrupted=LIVE.stopping and not timed_out)
 
 
 BACKENDS = {"local": LocalBackend, "docker": DockerBackend}

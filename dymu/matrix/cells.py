@@ -21,8 +21,9 @@ CELLS_FILE = ROOT / "envs" / "cells.toml"
 # key -> type; anything else in a cell is a typo and is refused
 KEYS: dict[str, type | tuple[type, ...]] = {
     "python": str, "torch": str, "transformers": str, "companions": list, "legacy": list, "why": str,
-    "image": str, "expect": str, "disable_fixes": list, "self_kill": bool,
+    "image": str, "base_digest": str, "expect": str, "disable_fixes": list, "self_kill": bool,
 }  # fmt: skip
+DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 EXPECT = ("pass", "crash", "timeout", "oom", "install-failure", "stage-failure", "stage-failure/known")
 
 
@@ -56,6 +57,14 @@ def validate(name: str, cell: dict[str, Any], floors: dict[str, str]) -> None:
             raise ValueError(f"cell {name!r}: unknown key {key!r}; known: {', '.join(sorted(KEYS))}")
         if not isinstance(value, KEYS[key]):
             raise ValueError(f"cell {name!r}: {key} must be a {KEYS[key].__name__}, got {value!r}")
+    if "base_digest" in cell and "image" not in cell:
+        raise ValueError(
+            f"cell {name!r}: base_digest belongs to an image; set `image` too, or put it in [images]"
+        )
+    if "base_digest" in cell and not DIGEST.match(cell["base_digest"]):
+        raise ValueError(
+            f"cell {name!r}: base_digest {cell['base_digest']!r} is not sha256:<64 lowercase hex digits>"
+        )
     if cell.get("expect", "pass") not in EXPECT:
         raise ValueError(f"cell {name!r}: expect {cell['expect']!r} is not one of {', '.join(EXPECT)}")
     floor = torch_floor(cell["transformers"], floors)
@@ -70,16 +79,35 @@ def validate(name: str, cell: dict[str, Any], floors: dict[str, str]) -> None:
         raise ValueError(f"cell {name!r}: torch {cell['torch']} needs numpy<2 in companions")
 
 
-def image_for(name: str, cell: dict[str, Any], images: dict[str, str]) -> str:
-    """The cell's CUDA base image for the Docker backend: its own `image`, else [images] by torch."""
+def image_for(name: str, cell: dict[str, Any], images: dict[str, Any]) -> tuple[str, str | None]:
+    """The cell's CUDA base image for the Docker backend, (tag, digest or None): its own `image`
+    (and `base_digest`), else [images] by torch release."""
     if isinstance(cell.get("image"), str):
-        return cell["image"]
+        return cell["image"], cell.get("base_digest")
     minor = ".".join(cell["torch"].split("+")[0].split(".")[:2])
     if minor not in images:
         raise ValueError(
             f"cell {name!r}: no CUDA base image for torch {minor}: add it to [images] or set `image`"
         )
-    return images[minor]
+    entry = images[minor]
+    if isinstance(entry, str):
+        return entry, None
+    unknown = set(entry) - {"tag", "base_digest"} if isinstance(entry, dict) else {"(not a table)"}
+    if unknown or not isinstance(entry.get("tag"), str):
+        raise ValueError(f'[images] "{minor}": give a tag string or {{tag = "...", base_digest = "sha256:..."}}'
+                         f"{'; unknown keys: ' + ', '.join(sorted(unknown)) if unknown else ''}")  # fmt: skip
+    digest = entry.get("base_digest")
+    if digest is not None and not (isinstance(digest, str) and DIGEST.match(digest)):
+        raise ValueError(
+            f'[images] "{minor}": base_digest {digest!r} is not sha256:<64 lowercase hex digits>'
+        )
+    return entry["tag"], digest
+
+
+def image_ref(cell: dict[str, Any]) -> str:
+    """What the Docker backend builds FROM: `tag@digest` where the digest is recorded, else the tag
+    (a tag can move; a digest cannot, but it can only be read on a host that can pull)."""
+    return f"{cell['image']}@{cell['base_digest']}" if cell.get("base_digest") else cell["image"]
 
 
 def _merged(defaults: dict[str, Any], cell: dict[str, Any]) -> dict[str, Any]:
@@ -101,7 +129,9 @@ def load(path: Path = CELLS_FILE) -> dict[str, Any]:
     data["cells"] = {name: _merged(data.get("defaults", {}), cell) for name, cell in data["cells"].items()}
     for name, cell in data["cells"].items():
         validate(name, cell, floors)
-        cell["image"] = image_for(name, cell, data.get("images", {}))
+        cell["image"], digest = image_for(name, cell, data.get("images", {}))
+        if digest:
+            cell["base_digest"] = digest
     for set_name, members in data["sets"].items():
         unknown = [m for m in members if m not in data["cells"]]
         if unknown:

@@ -15,14 +15,17 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text_atomic
-from . import backends, cells, outcome, report
+from ..errors import DymuError
+from . import backends, cells, docker_env, outcome, report
 from .digest import code_digest
 
 ROOT = cells.ROOT
@@ -84,7 +87,7 @@ def _read(path: Path, started_after: float | None = None) -> dict | None:
 def cell_digest(cell: dict[str, Any]) -> str:
     """Everything in a cell's definition that can change its outcome (pins, companions, legacy,
     python, fault keys, expect): a result is fresh only for the same digest."""
-    keep = {k: v for k, v in sorted(cell.items()) if k not in ("why", "image")}
+    keep = {k: v for k, v in sorted(cell.items()) if k not in ("why", "image", "base_digest")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -105,10 +108,13 @@ def run_one(backend: backends.Backend, name: str, cell: dict[str, Any], timeout:
     log_path = backend.results.parent / "logs" / f"{name}.log"  # reports/logs, reports/docker/logs
     run = backend.run_cell(name, cell, log_path, timeout)
     text = log_path.read_text(errors="replace") if log_path.is_file() else ""
-    result = _read(partial, started_after=started)
-    if result is None or result.get("status") == "running" or run.timed_out or run.returncode not in (0, 1):
+    result = runner_evidence(_read(partial, started_after=started), name)
+    started_runner = result is not None
+    if (result is None or result.get("status") == "running" or run.timed_out or run.interrupted
+            or run.returncode not in (0, 1)):  # fmt: skip
         failure_class, signature = outcome.classify(run.returncode, text, run.timed_out, run.oom_killed,
-                                                    runner_started=result is not None)  # fmt: skip
+                                                    runner_started=started_runner,
+                                                    interrupted=run.interrupted)  # fmt: skip
         result = result or {"schema": 1, "cell": name, "stages": {},
                             "versions": {"torch": cell["torch"], "transformers": cell["transformers"]}}  # fmt: skip
         result.update(status="fail", failure={
@@ -117,12 +123,23 @@ def run_one(backend: backends.Backend, name: str, cell: dict[str, Any], timeout:
         })  # fmt: skip
     expected = cell.get("expect", "pass")
     result["expected"] = expected
-    result["as_expected"] = outcome.outcome(result) == expected
+    result["runner_started"] = started_runner
+    # an expected crash counts only when this run's runner started (its partial file says so) and
+    # then died: a cell that never got that far (install failure, a held lock) is not that crash
+    result["as_expected"] = outcome.outcome(result) == expected and (expected != "crash" or started_runner)
     result["cell_digest"] = cell_digest(cell)
     result["duration_s"] = result.get("duration_s") or round(time.time() - started, 1)
     write_text_atomic(out, json.dumps(result, indent=1) + "\n")
     partial.unlink(missing_ok=True)
     return result
+
+
+def runner_evidence(partial: dict | None, name: str) -> dict | None:
+    """The runner's partial result when it proves the runner of this cell started in this run
+    (`_read` already refused a file older than the run): its own cell name and start time."""
+    if not isinstance(partial, dict) or partial.get("cell") != name or not partial.get("started"):
+        return None
+    return partial
 
 
 class LockHeld(Exception):
@@ -167,17 +184,40 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> i
         log("matrix: error: --jobs must be at least 1")
         return 2
     options = {"base": args.docker_base, "gpus_choice": args.docker_gpus} if args.backend == "docker" else {}
-    backend = backends.get_backend(args.backend, ROOT, **options)
+    try:
+        if args.backend == "docker":  # compose's and the backend's DYMU_* settings, before any build
+            docker_env.check(os.environ)
+        backend = backends.get_backend(args.backend, ROOT, **options)
+    except DymuError as err:
+        log(f"dymu: error: {err}")
+        return 2
     why_not = backend.unavailable()
     if why_not:
         log(f"matrix: error: {why_not}")
         return 2
     try:
-        with checkout_lock(ROOT):
+        with checkout_lock(ROOT), _sigterm_interrupts():
             return _run_members(data, members, backend, args, log)
     except LockHeld as err:
         log(f"matrix: error: {err}")
         return 2
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a CI job cancelled, `kill`) stops the run like Ctrl-C: cells killed, results kept."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_members(data: dict[str, Any], members: list[str], backend: backends.Backend, args: argparse.Namespace,
@@ -202,10 +242,23 @@ def _run_members(data: dict[str, Any], members: list[str], backend: backends.Bac
             f"cell {name}: {outcome.outcome(result)} (expected {result['expected']}) in {time.time() - started:.0f} s"
         )
 
-    # cells are separate processes with their own venvs and files: N of them can run at once
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+    # cells are separate processes with their own venvs and files: N of them can run at once. A
+    # signal reaches only this thread: on Ctrl-C it kills every running cell (LIVE.stop), whose
+    # worker then records it as `interrupted`, drops the cells not started, and writes the report.
+    backends.LIVE.reset()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs))
+    try:
         for future in [pool.submit(one, name) for name in todo]:
             future.result()
+    except KeyboardInterrupt:
+        log("matrix: interrupted: killing the running cells")
+        backends.LIVE.stop()
+        pool.shutdown(wait=True, cancel_futures=True)
+        report.build(ROOT / "reports")
+        log(f"wrote {ROOT / 'reports' / 'matrix.md'} (interrupted run)")
+        return 130
+    finally:
+        pool.shutdown(wait=True)
     built = report.build(ROOT / "reports")
     log(f"wrote {ROOT / 'reports' / 'matrix.md'}")
     unexpected = [r["cell"] for r in built["summary"] if r["cell"] in members and not r["as_expected"]]
