@@ -97,8 +97,8 @@ def test_a_process_that_kills_itself_is_a_crash_not_ignored_as_pid_1(tmp_path) -
 def test_an_out_of_memory_kill_is_classified_as_oom(tmp_path) -> None:
     run, log = _run(tmp_path, "head -c 400m /dev/zero | tail > /dev/null", timeout=120,
                     mem_limit="64m", memswap_limit="64m")  # fmt: skip
-    assert "OOMKilled" in log, (run, log)
-    assert outcome.classify(run.returncode, log, run.timed_out)[0] == "oom"
+    assert run.oom_killed and "OOMKilled" in log, (run, log)
+    assert outcome.classify(run.returncode, log, run.timed_out, run.oom_killed)[0] == "oom"
 
 
 @NEEDS_ENGINE
