@@ -143,18 +143,26 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--no-fused-rope", action="store_true", help="VTU gather + RoPE with torch ops, not Triton"
     )
-    group.add_argument("--cuda-graphs", action="store_true", help="replay the DToMe tower as CUDA graphs")
     group.add_argument(
-        "--graph-segment", type=int, default=Options.graph_segment, help="tower blocks per CUDA graph"
+        "--no-cuda-graphs", action="store_true", help="run the DToMe tower eagerly, not as CUDA graphs"
     )
+    group.add_argument(
+        "--graph-segment", type=int, default=Options.graph_segment,
+        help="tower blocks per CUDA graph (0: the whole tower, one capture per batch size)",
+    )  # fmt: skip
+    group.add_argument(
+        "--prefill-graph-batch", type=int, default=Options.prefill_graph_batch,
+        help="replay the VTU prefill as a CUDA graph for batches up to this size (0: never)",
+    )  # fmt: skip
     group.add_argument(
         "--deterministic-remerge", action="store_true", help="VTU remerge by matmul (no atomics)"
     )
 
 
 def options_from(args: argparse.Namespace) -> Options:
-    return Options(fused_rope=not args.no_fused_rope, cuda_graphs=args.cuda_graphs,
-                   graph_segment=args.graph_segment, deterministic_remerge=args.deterministic_remerge)  # fmt: skip
+    return Options(fused_rope=not args.no_fused_rope, cuda_graphs=not args.no_cuda_graphs,
+                   graph_segment=args.graph_segment, prefill_graph_batch=args.prefill_graph_batch,
+                   deterministic_remerge=args.deterministic_remerge)  # fmt: skip
 
 
 def cmd_infer(args: argparse.Namespace) -> int:

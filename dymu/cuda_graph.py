@@ -1,12 +1,14 @@
-"""CUDA-graph replay of the DToMe tower, in segments that shrink as tokens merge.
+"""CUDA-graph replay: a keyed cache of captured calls, and the DToMe tower replayed through it.
 
 Eager DToMe is launch-bound on a GPU: each merge step is dozens of small kernels, and
 the CPU cannot issue them as fast as the GPU runs them. The static-shape blocks
-(`run_blocks(static=True)`) never sync with the host, so a run of `segment` blocks is
-captured once and replayed with one launch. Between segments the host reads the
-longest row once and trims the padding to a multiple of `BUCKET`, so later blocks run
-on fewer token slots. Graphs are cached per (tower, segment, shapes, thresholds) and
-share one memory pool; they are always replayed one after another on one stream.
+(`run_blocks(static=True)`) never sync with the host, so the whole tower (segment 0, the
+default) is captured once per batch shape and replayed with one launch. With `segment`
+N > 0, N-block segments are captured instead and between them the host reads the longest
+row once and trims the padding to a multiple of `BUCKET`: less compute, but every new
+padded shape is a new capture. Graphs are cached per (module, segment, shapes,
+thresholds) and share one memory pool per cache; they are always replayed one after
+another on one stream, and a caller copies out what it keeps before the next replay.
 """
 
 from __future__ import annotations
@@ -50,12 +52,21 @@ class CapturedCall:
         return self.outputs
 
 
-class _TowerGraphs:
-    def __init__(self) -> None:
+class GraphCache:
+    """Captured calls by key, least recently used evicted beyond `limit`; a key whose capture
+    failed runs eagerly from then on (with one warning). Off-GPU every call runs eagerly."""
+
+    def __init__(self, limit: int = _MAX_GRAPHS_PER_TOWER) -> None:
+        self.limit = limit
         self.pool = None
         self.calls: OrderedDict[tuple, CapturedCall] = OrderedDict()
         self.failed: set[tuple] = set()
         self.captures = 0  # graphs captured so far (each costs far more than a replay)
+
+    def drop(self, unwanted: Callable[[tuple], bool]) -> None:
+        """Forget the captured calls whose key is unwanted (their memory goes with them)."""
+        for key in [key for key in self.calls if unwanted(key)]:
+            del self.calls[key]
 
     def call(
         self, key: tuple, fn: Callable, inputs: tuple[torch.Tensor, ...]
@@ -77,13 +88,13 @@ class _TowerGraphs:
                 )
                 return None
             self.calls[key] = captured
-            while len(self.calls) > _MAX_GRAPHS_PER_TOWER:
+            while len(self.calls) > self.limit:
                 self.calls.popitem(last=False)
         self.calls.move_to_end(key)
         return captured(*inputs)
 
 
-_towers: weakref.WeakKeyDictionary[nn.Module, _TowerGraphs] = weakref.WeakKeyDictionary()
+_towers: weakref.WeakKeyDictionary[nn.Module, GraphCache] = weakref.WeakKeyDictionary()
 
 
 def capture_count(vision_model: nn.Module) -> int:
@@ -105,12 +116,12 @@ def graphed_forward(
     may_merge: list[bool],
     n_run: int,
     key: tuple,
-    segment: int = 4,
+    segment: int = 0,
 ) -> TokenState | None:
-    """The first `n_run` blocks as replayed graph segments of `segment` blocks; None if capture
-    is not possible (off-GPU the same segments run eagerly)."""
-    graphs = _towers.setdefault(vt, _TowerGraphs())
-    bounds = [*range(0, n_run, segment), n_run]
+    """The first `n_run` blocks as replayed graph segments of `segment` blocks (0: all of them
+    in one graph); None if capture is not possible (off-GPU the same segments run eagerly)."""
+    graphs = _towers.setdefault(vt, GraphCache())
+    bounds = [*range(0, n_run, segment or n_run), n_run]
     state: TokenState | None = None
     for start, stop in itertools.pairwise(bounds):
         uniform_in = not any(may_merge[:start])

@@ -32,6 +32,7 @@ from .compat.shims import (
 from .errors import DymuError
 from .families import LlavaParts, split_at_image
 from .options import DEFAULT, Options
+from .prefill_graph import graphed_vtu_prefill
 from .tower import TowerOutput, encode_images
 from .vtu import additive_mask, vtu_prefill
 
@@ -125,7 +126,8 @@ def prepare(
     valid = mask[:, :-1].bool()
     positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, :-1]
     attn_mask = None if bool(valid.all()) else virtual_mask(parts.decoder, valid, dtype)
-    out = vtu_prefill(
+    graphed = merged.is_cuda and bsz <= options.prefill_graph_batch  # batch 1 is launch-bound
+    out = (graphed_vtu_prefill if graphed else vtu_prefill)(
         parts.decoder, merged, idx, rope_theta(parts.decoder.config), positions, attn_mask, options
     )
     visual = [int(n) for n in tower.num_tokens]

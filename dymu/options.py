@@ -19,12 +19,17 @@ class Options:
 
     - `fused_rope`: VTU's gather + RoPE + head-major write as one Triton kernel (CUDA only);
       off: the torch ops.
-    - `cuda_graphs`: replay the DToMe tower as captured CUDA graph segments (CUDA only). Off by
-      default: every new padded shape costs a capture (100-270 ms on an H200), and on varied
-      images the eager tower measured 6.3 ms at batch 1 against 40 ms (median) for the graphs,
-      and the same 14.7 ms at batch 8 once every shape had been captured
-      (reports/gpu/bench/h200_decode_b*.md); turn it on for a fixed, repeated input set.
-    - `graph_segment`: blocks per captured segment (fewer: more padding trimmed, more syncs).
+    - `cuda_graphs`: replay the DToMe tower as captured CUDA graphs (CUDA only; elsewhere it
+      runs eagerly). On by default: the eager tower is launch-bound (a host sync and dozens of
+      small kernels per merging block); on an H200 at batch 1, on varied images, it took 55 ms
+      eager against 6.9 ms as one graph (stock CLIP: 13.3 ms; reports/gpu/bench/h200_graphs_b1.md).
+    - `graph_segment`: 0 (default) captures the whole tower as one graph at full length, so each
+      batch size is captured once and new images never cost a capture; N > 0 captures N-block
+      segments and trims the padding between them (less compute, but each new padded shape is a
+      new capture of 100-270 ms).
+    - `prefill_graph_batch`: on CUDA, the VTU prefill of batches up to this size replays a CUDA
+      graph captured per (batch, merged-row bucket, virtual length); batch 1 is launch-bound, so
+      this is where a graph pays. 0 turns it off; larger batches are GEMM-bound and run eagerly.
     - `deterministic_remerge`: VTU's group mean as an assignment matmul (fixed reduction
       order, no CUDA atomics) instead of `index_add_`.
     - `decode`: "static" decodes from a pre-allocated static KV cache (on CUDA the installed
@@ -33,16 +38,23 @@ class Options:
     """
 
     fused_rope: bool = True
-    cuda_graphs: bool = False
-    graph_segment: int = 4
+    cuda_graphs: bool = True
+    graph_segment: int = 0
+    prefill_graph_batch: int = 1
     deterministic_remerge: bool = False
     decode: str = "auto"
 
     def __post_init__(self) -> None:
         if self.decode not in DECODE_MODES:
             raise DymuError(f"decode={self.decode!r}: use one of {', '.join(DECODE_MODES)}")
-        if not isinstance(self.graph_segment, int) or self.graph_segment < 1:
-            raise DymuError(f"graph_segment={self.graph_segment!r}: must be a positive integer of blocks")
+        if not isinstance(self.graph_segment, int) or self.graph_segment < 0:
+            raise DymuError(
+                f"graph_segment={self.graph_segment!r}: must be 0 (the whole tower) or a positive number of blocks"
+            )
+        if not isinstance(self.prefill_graph_batch, int) or self.prefill_graph_batch < 0:
+            raise DymuError(
+                f"prefill_graph_batch={self.prefill_graph_batch!r}: must be 0 (off) or the largest batch to graph"
+            )
 
     @classmethod
     def names(cls) -> list[str]:

@@ -26,8 +26,12 @@ def _check_index(src: torch.Tensor, index: torch.Tensor, dim: int) -> int:
 
 
 def group_count(index: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Members per group, as a long tensor of length `num_groups`."""
-    return torch.bincount(index, minlength=num_groups)[:num_groups]
+    """Members per group, as a long tensor of length `num_groups` (every id < `num_groups`).
+
+    An integer `index_add_` rather than `bincount`: on CUDA bincount reads the largest id back
+    to the host, which a CUDA graph capture refuses; integer sums are exact in any order."""
+    counts = torch.zeros(num_groups, dtype=torch.long, device=index.device)
+    return counts.index_add_(0, index, torch.ones_like(index, dtype=torch.long))
 
 
 def _assignment_matmul(

@@ -212,8 +212,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"{run['device']}, {run['dtype']}, torch {run['torch']}, transformers {run['transformers']}; weights: "
              f"{run['weights']}; {run['batch_kind']}; max_new_tokens {run['settings']['max_new_tokens']}"
              + (" (PARTIAL: interrupted)" if report["partial"] else ""), "",
-             "Means over samples (ms). Graph captures: CUDA graphs the DToMe tower captured inside timed samples "
-             "(each new padded shape is captured once, then replayed).", "",
+             "Means over samples (ms). Graph captures: CUDA graphs the DToMe tower and the VTU prefill captured "
+             "inside timed samples (each new shape bucket is captured once, 0.1-0.3 s, then replayed).", "",
              "| mode | samples | visual tokens | vision ms | prefill ms | TTFT ms | TPOT ms | e2e ms | out len | "
              "VRAM MB | graph captures |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, mode in report["modes"].items():

@@ -35,6 +35,7 @@ from ..images import load_image
 from ..jsonsafe import dumps
 from ..matrix.digest import code_digest
 from ..options import Options
+from ..prefill_graph import capture_count as prefill_captures
 from ..testing.builders import clip_processor, random_llava
 from ..testing.tiny import ensure_tiny_checkpoints
 from ..thresholds import load_thresholds, save_thresholds
@@ -67,13 +68,14 @@ class Mode:
     decode_given: bool = False
 
 
-MODE_KEYS = ("vtu", "thresholds", "graphs", "fused", "decode")
+MODE_KEYS = ("vtu", "thresholds", "graphs", "fused", "decode", "segment", "prefill_graph")
 
 
 def parse_modes(spec: str, default_vtu: str, default_thresholds: str | None) -> list[Mode]:
     """`stock,dymu,dymu-none:vtu=none,dymu-b:thresholds=b.pth,dymu-eager:graphs=off` -> modes (names
     unique; `stock` and `stock-*` are stock LLaVA); `graphs` / `fused` switch the tower's CUDA graphs /
-    VTU's fused kernel for one mode, `decode=static|dynamic` its KV cache."""
+    VTU's fused kernel for one mode, `decode=static|dynamic` its KV cache, `segment=N` the tower's
+    blocks per captured graph (0: all), `prefill_graph=N` the largest batch whose prefill is graphed."""
     modes: list[Mode] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, opts = part.partition(":")
@@ -91,6 +93,11 @@ def parse_modes(spec: str, default_vtu: str, default_thresholds: str | None) -> 
             elif key == "decode":
                 mode.options = replace(mode.options or Options(), decode=value)
                 mode.decode_given = True
+            elif key in ("segment", "prefill_graph"):
+                if not value.isdigit():
+                    raise DymuError(f"--modes: {part!r}: {key} must be a whole number (0: see dymu.Options)")
+                field_name = {"segment": "graph_segment", "prefill_graph": "prefill_graph_batch"}[key]
+                mode.options = replace(mode.options or Options(), **{field_name: int(value)})
             elif value not in ("on", "off"):
                 raise DymuError(f"--modes: {part!r}: {key} must be on or off")
             else:
@@ -219,7 +226,7 @@ def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[
     """One batch in one mode: stage edges, every step, counts and memory; one row per sample."""
     clock = StageClock(device)
     options = mode.options or model.options  # one mode's switches reach its tower, VTU and decode
-    captures = capture_count(model.parts.vision)
+    captures = capture_count(model.parts.vision) + prefill_captures(model.parts.decoder)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     clock.start()
@@ -232,9 +239,7 @@ def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[
     if mode.kind == "stock":
         batch = stock_prepare(model.parts, ids, pixels, on_stage=clock.mark)
     else:
-        batch = prepare(
-            model.parts, ids, pixels, mode.thresholds, mode.vtu, options, on_stage=clock.mark
-        )
+        batch = prepare(model.parts, ids, pixels, mode.thresholds, mode.vtu, options, on_stage=clock.mark)
     clock.mark("prefill")
     gen: dict[str, Any] = {
         "logits_processor": LogitsProcessorList([StepRecorder(clock)]),
@@ -248,7 +253,7 @@ def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[
     decode = decode_path(model.parts, options)[0]
     out = generate_prepared(model.parts, batch, cfg.max_new_tokens, options, **gen)
     clock.host_mark("end")
-    captures = capture_count(model.parts.vision) - captures
+    captures = capture_count(model.parts.vision) + prefill_captures(model.parts.decoder) - captures
     vision_ms, prefill_ms = clock.between("start", "vision"), clock.between("vision", "prefill")
     gaps = clock.step_gaps()
     eos, pad = _eos_ids(model), getattr(model.tokenizer, "pad_token_id", None)

@@ -3,10 +3,14 @@
 Run: `python -m dymu.bench.tower --geometry small` (CPU) or `--geometry full --device cuda`
 (CLIP-L/336 at full width). Weights are RANDOM (seeded); reports say so. Thresholds are
 calibrated in the same run on a calibration image set disjoint from the timed batch.
+`--varied` gives every call new images, as a real data set does (new merge patterns, so new
+padded shapes for the paths that trim); without it every call repeats one batch.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,8 +36,9 @@ def run(
     calib_images: int = 64,
     repeats: int = 10,
     warmup: int = 3,
+    varied: bool = False,
 ) -> dict[str, Any]:
-    """Calibrate, then time stock / DToMe(no merges) / DToMe(calibrated) at each batch size."""
+    """Calibrate, then time stock / DToMe(no merges) / DToMe(calibrated, each path) per batch size."""
     dev = torch.device(device)
     torch_dtype = getattr(torch, dtype)
     model = random_clip(geometry, dev, torch_dtype)
@@ -42,33 +47,38 @@ def run(
     thresholds = calibrate(
         model, calib, target_tokens=target_tokens, batch_size=32, processor=processor, progress=False
     )
-    timed_images = bench_images(max(batch_sizes), seed=2)
-    all_pixels = preprocess(timed_images, processor).to(dev, torch_dtype)
-
+    calls = warmup + repeats if varied else 1
     rows = []
     for bsz in batch_sizes:
-        pixels = all_pixels[:bsz]
-        out = encode_images(model, pixels, thresholds)
-        tokens = out.num_tokens.float()
+        images = bench_images(bsz * calls, seed=2)
+        batches = [
+            preprocess(images[i * bsz : (i + 1) * bsz], processor).to(dev, torch_dtype) for i in range(calls)
+        ]
+        tokens = torch.cat([encode_images(model, p, thresholds).num_tokens for p in batches]).float()
 
-        def stock(pixels: torch.Tensor = pixels) -> object:
+        def stock(pixels: torch.Tensor) -> object:
             with torch.no_grad():
                 return model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
 
-        candidates = {
+        paths = {
             "stock": stock,
-            "dtome_no_merge": lambda pixels=pixels: encode_images(model, pixels, None),
-            "dtome": lambda pixels=pixels: encode_images(model, pixels, thresholds),
+            "dtome_no_merge": lambda p: encode_images(model, p, None),
+            "dtome": lambda p: encode_images(model, p, thresholds),  # the defaults
         }
-        if dev.type == "cuda":  # the default above is eager; also time the CUDA-graph segments
-            candidates["dtome_graphs"] = lambda pixels=pixels: encode_images(
-                model, pixels, thresholds, options=Options(cuda_graphs=True)
+        if dev.type == "cuda":  # the default above is one graph of the whole tower; the other paths
+            paths["dtome_eager"] = lambda p: encode_images(
+                model, p, thresholds, options=Options(cuda_graphs=False)
             )
+            paths["dtome_segments"] = lambda p: encode_images(
+                model, p, thresholds, options=Options(graph_segment=4)
+            )
+        candidates = {name: _cycling(fn, batches) for name, fn in paths.items()}
         stats = time_side_by_side(candidates, dev, warmup=warmup, repeats=repeats)
         memory = {name: peak_memory_mb(fn, dev) for name, fn in candidates.items()}
         rows.append(
             {
                 "batch_size": bsz,
+                "varied": varied,
                 "tokens": {
                     "mean": float(tokens.mean()),
                     "std": float(tokens.std()) if bsz > 1 else 0.0,
@@ -96,24 +106,37 @@ def run(
     }
 
 
+def _cycling(fn: Callable[[torch.Tensor], object], batches: list[torch.Tensor]) -> Callable[[], object]:
+    """A zero-argument call that feeds `fn` the next batch each time (so each candidate sees the
+    same sequence: warm-up batches first, then timed ones it has never seen when `--varied`)."""
+    calls = itertools.count()
+    return lambda: fn(batches[next(calls) % len(batches)])
+
+
 def format_table(report: dict[str, Any]) -> str:
     """A terminal table of the report's rows."""
     lines = [
         f"vision tower bench: {report['geometry']} geometry, {report['dtype']}, {report['device']}, "
         f"torch {report['torch']}, transformers {report['transformers']} ({report['weights']})",
-        "no-merge = our tower with no merges (eager); graphs = the CUDA-graph segments (CUDA only)",
-        f"{'batch':>5} {'tokens':>12} {'stock ms':>10} {'no-merge ms':>12} {'dtome ms':>10} {'graphs ms':>10}"
-        f" {'dtome/stock':>12}",
+        "no-merge = our tower with no merges; dtome = the defaults (one graph on CUDA); eager / segments ="
+        " the other CUDA paths"
+        + ("; new images every call" if report["rows"] and report["rows"][0]["varied"] else ""),
+        f"{'batch':>5} {'tokens':>12} {'stock ms':>10} {'no-merge ms':>12} {'dtome ms':>10} {'eager ms':>10}"
+        f" {'segments ms':>12} {'dtome/stock':>12}",
     ]
     for row in report["rows"]:
         lat = row["latency"]
         lines.append(
             f"{row['batch_size']:>5} {row['tokens']['mean']:>7.1f}±{row['tokens']['std']:<4.0f} "
             f"{lat['stock']['mean_ms']:>10.2f} {lat['dtome_no_merge']['mean_ms']:>12.2f} "
-            f"{lat['dtome']['mean_ms']:>10.2f} {lat.get('dtome_graphs', {}).get('mean_ms', float('nan')):>10.2f}"
+            f"{lat['dtome']['mean_ms']:>10.2f} {_ms(lat, 'dtome_eager'):>10} {_ms(lat, 'dtome_segments'):>12}"
             f" {row['ratio_dtome_vs_stock']:>11.2f}x"
         )
     return "\n".join(lines)
+
+
+def _ms(latency: dict[str, Any], name: str) -> str:
+    return f"{latency[name]['mean_ms']:.2f}" if name in latency else "-"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--geometry", choices=sorted(CLIP_GEOMETRIES), default="small")
     parser.add_argument("--calib-images", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--varied", action="store_true", help="new images every call (as a data set gives)")
     args = parser.parse_args(argv)
     report = run(args.geometry, args.device, bench_dtype(args), tuple(args.batch_sizes), args.target_tokens,
-                 args.calib_images, args.repeats, args.warmup)  # fmt: skip
+                 args.calib_images, args.repeats, args.warmup, args.varied)  # fmt: skip
     return emit(report, format_table(report), args.out)
 
 

@@ -1,0 +1,134 @@
+"""The VTU prefill replayed as a CUDA graph: at batch 1 it is launch-bound (32 layers of dozens of
+small kernels each, about 34 ms on an H200 for a 7B model whose GEMMs need a few ms).
+
+A graph needs fixed shapes, and two sizes change with every sample: the merged-row count N_u (with
+the image) and the virtual length N (with the prompt). Both are padded on the left to a multiple of
+`BUCKET` so one captured graph serves every sample in its bucket:
+
+- extra merged rows are zero and no virtual position reads them (virtual padding reads row 0,
+  which `generation.prepare` always leaves as a zero dump row);
+- extra virtual positions are masked as keys for every query and see only themselves, so the
+  real positions' attention, keys and values are those of the unpadded prefill.
+
+The keys and values are written into one buffer per (batch, padded N) that every graph of that
+shape shares; the caller gets copies, so a later replay cannot change a cache it already holds.
+Off-GPU the same padded computation runs eagerly (what the CPU tests compare with `vtu_prefill`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from .cuda_graph import GraphCache
+from .options import DEFAULT, Options
+from .vtu import VtuOutput, additive_mask, head_dim, vtu_prefill
+
+BUCKET = 32
+_MAX_GRAPHS = 64  # per decoder: (row buckets) x (virtual-length buckets) seen in a run
+_MAX_BUFFERS = 2  # per decoder: K/V buffers of distinct (batch, padded N); each is a full KV cache
+
+
+class _DecoderGraphs:
+    def __init__(self) -> None:
+        self.graphs = GraphCache(limit=_MAX_GRAPHS)
+        self.buffers: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def buffer(self, key: tuple, make) -> torch.Tensor:
+        """The shared K/V buffer for one (batch, padded N) shape; evicting one drops its graphs."""
+        if key not in self.buffers:
+            self.buffers[key] = make()
+            while len(self.buffers) > _MAX_BUFFERS:
+                old, _ = self.buffers.popitem(last=False)
+                self.graphs.drop(lambda call_key, old=old: call_key[0] == old)
+        self.buffers.move_to_end(key)
+        return self.buffers[key]
+
+
+_decoders: weakref.WeakKeyDictionary[nn.Module, _DecoderGraphs] = weakref.WeakKeyDictionary()
+
+
+def capture_count(decoder: nn.Module) -> int:
+    """Prefill graphs captured so far for a decoder (a benchmark reports captures inside timed samples)."""
+    state = _decoders.get(decoder)
+    return state.graphs.captures if state is not None else 0
+
+
+def _round_up(n: int) -> int:
+    return -(-n // BUCKET) * BUCKET
+
+
+def pad_inputs(
+    merged: torch.Tensor, idx: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """Left-pad rows and virtual positions to `BUCKET` multiples; returns the padded inputs (the
+    mask always explicit) and the two pad widths."""
+    bsz, n_u, dim = merged.shape
+    n = idx.shape[1]
+    pad_u, pad_n = _round_up(n_u) - n_u, _round_up(n) - n
+    merged_p = torch.cat([merged.new_zeros(bsz, pad_u, dim), merged], dim=1)
+    idx_p = torch.cat([idx.new_zeros(bsz, pad_n), idx + pad_u], dim=1)  # padding reads zero row 0
+    positions_p = torch.cat([positions.new_zeros(bsz, pad_n), positions], dim=1)
+    total = n + pad_n
+    if mask is None:
+        causal = torch.ones(total, total, dtype=torch.bool, device=idx.device).tril()
+        valid = torch.arange(total, device=idx.device) >= pad_n
+        mask_p = additive_mask(
+            (causal & valid[None, :])[None, None].expand(bsz, 1, total, total), merged.dtype
+        )
+    else:
+        floor = torch.finfo(mask.dtype).min
+        mask_p = torch.full((bsz, 1, total, total), floor, dtype=mask.dtype, device=mask.device)
+        mask_p[..., pad_n:, pad_n:] = mask
+        diagonal = torch.arange(pad_n, device=mask.device)
+        mask_p[:, :, diagonal, diagonal] = 0.0  # padded rows see themselves: no fully masked row
+    return merged_p, idx_p, positions_p, mask_p, pad_u, pad_n
+
+
+@torch.no_grad()
+def graphed_vtu_prefill(
+    decoder: nn.Module,
+    merged_embeds: torch.Tensor,
+    idx: torch.Tensor,
+    rope_theta: float,
+    positions: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    options: Options = DEFAULT,
+) -> VtuOutput:
+    """`vtu_prefill` with the same arguments, replayed from a CUDA graph per padded shape (eager
+    off-GPU, or where capture fails: then with one warning)."""
+    bsz, n = idx.shape
+    if positions is None:
+        positions = torch.arange(n, device=idx.device)[None].expand(bsz, n)
+    merged_p, idx_p, positions_p, mask_p, pad_u, pad_n = pad_inputs(merged_embeds, idx, positions, mask)
+    config = decoder.config
+    layers = len(decoder.layers)
+    total = idx_p.shape[1]
+    shape = (layers, 2, bsz, config.num_key_value_heads, total, head_dim(config))
+    state = _decoders.setdefault(decoder, _DecoderGraphs())
+    buffer_key = (shape, merged_p.dtype, str(merged_p.device))
+    kv = state.buffer(buffer_key, lambda: merged_p.new_empty(shape))
+
+    def fn(merged: torch.Tensor, index: torch.Tensor, pos: torch.Tensor, add_mask: torch.Tensor):
+        out = vtu_prefill(decoder, merged, index, rope_theta, pos, add_mask, options)
+        for i, (k, v) in enumerate(zip(out.keys, out.values, strict=True)):
+            kv[i, 0].copy_(k)
+            kv[i, 1].copy_(v)
+        return (out.hidden,)
+
+    inputs = (merged_p, idx_p, positions_p, mask_p)
+    call_key = (
+        buffer_key,
+        tuple(merged_p.shape),
+        rope_theta,
+        options.fused_rope,
+        options.deterministic_remerge,
+    )
+    outputs = state.graphs.call(call_key, fn, inputs)
+    if outputs is None:  # capture failed: the plain prefill
+        return vtu_prefill(decoder, merged_embeds, idx, rope_theta, positions, mask, options)
+    kept = kv[..., pad_n:, :].clone()
+    return VtuOutput(outputs[0][:, pad_u:].clone(), list(kept[:, 0].unbind(0)), list(kept[:, 1].unbind(0)))

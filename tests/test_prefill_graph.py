@@ -1,0 +1,105 @@
+"""The graphed VTU prefill's padding (rows and virtual length to BUCKET multiples) changes nothing:
+on the CPU the padded computation runs eagerly and must equal the plain `vtu_prefill`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_vtu_core import small_llama
+
+from dymu import prefill_graph
+from dymu.compat.shims import rope_theta
+from dymu.errors import DymuError
+from dymu.options import Options
+from dymu.prefill_graph import BUCKET, graphed_vtu_prefill, pad_inputs
+from dymu.vtu import additive_mask, vtu_prefill
+
+
+def _assert_same(plain, graphed) -> None:
+    torch.testing.assert_close(graphed.hidden, plain.hidden, rtol=1e-5, atol=1e-5)
+    for a, b in zip(plain.keys + plain.values, graphed.keys + graphed.values, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_unpadded_prefill_equals_plain(fused: bool) -> None:
+    model = small_llama()
+    torch.manual_seed(1)
+    merged = torch.randn(1, 9, 64)
+    merged[:, 0] = 0  # prepare's dump row
+    idx = torch.tensor([[1, 2, 2, 3, 4, 4, 4, 5, 6, 7, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8,
+                         8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8]])  # fmt: skip  # 40 positions: padded to 64
+    options = Options(fused_rope=fused)
+    plain = vtu_prefill(model, merged, idx, rope_theta(model.config), options=options)
+    _assert_same(plain, graphed_vtu_prefill(model, merged, idx, rope_theta(model.config), options=options))
+
+
+def test_padded_batch_with_mask_equals_plain() -> None:
+    model = small_llama()
+    torch.manual_seed(2)
+    merged = torch.randn(2, 6, 64)
+    merged[:, 0] = 0
+    merged[1, :3] = 0  # the shorter row is left-padded
+    idx = torch.tensor([[1, 1, 2, 3, 3, 4, 5, 5, 5], [0, 0, 0, 3, 3, 4, 4, 5, 5]])
+    valid = idx != 0
+    positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    mask = additive_mask(causal[None, None] & valid[:, None, None, :], merged.dtype)
+    args = (model, merged, idx, rope_theta(model.config), positions, mask)
+    plain = vtu_prefill(*args)
+    graphed = graphed_vtu_prefill(*args)
+    for b, first in enumerate((0, 3)):  # compare the real positions (padded ones are dumps either way)
+        torch.testing.assert_close(graphed.hidden[b, 1:], plain.hidden[b, 1:], rtol=1e-5, atol=1e-5)
+        for a, g in zip(plain.keys + plain.values, graphed.keys + graphed.values, strict=True):
+            torch.testing.assert_close(g[b, :, first:], a[b, :, first:], rtol=1e-5, atol=1e-5)
+
+
+def test_padding_reaches_bucket_multiples_and_masks_the_padding() -> None:
+    merged, idx = torch.randn(1, 40, 8), torch.randint(1, 40, (1, 70))
+    merged_p, idx_p, positions_p, mask_p, pad_u, pad_n = pad_inputs(merged, idx, torch.arange(70)[None], None)
+    assert merged_p.shape[1] % BUCKET == 0 and idx_p.shape[1] % BUCKET == 0 and (pad_u, pad_n) == (24, 26)
+    assert bool((merged_p[:, :pad_u] == 0).all()) and bool((idx_p[:, :pad_n] == 0).all())
+    assert torch.equal(positions_p[0, pad_n:], torch.arange(70)) and torch.equal(
+        idx_p[:, pad_n:], idx + pad_u
+    )
+    blocked = mask_p[0, 0] < 0
+    assert bool(blocked[pad_n:, :pad_n].all())  # no real query sees a padded key
+    assert not bool(blocked.diagonal().any())  # every row sees itself
+
+
+def test_graph_options_are_checked() -> None:
+    with pytest.raises(DymuError, match="prefill_graph_batch"):
+        Options(prefill_graph_batch=-1)
+    with pytest.raises(DymuError, match="graph_segment"):
+        Options(graph_segment=-2)
+    assert Options().graph_segment == 0 and Options().cuda_graphs
+
+
+def test_a_given_mask_is_kept_and_padded_rows_see_themselves() -> None:
+    """In bf16 a row of only `finfo.min` can overflow to -inf in SDPA and turn into NaN: padded rows
+    must keep their diagonal open."""
+    idx = torch.randint(1, 5, (2, 10))
+    mask = additive_mask(torch.ones(10, 10, dtype=torch.bool).tril()[None, None].expand(2, 1, 10, 10),
+                         torch.bfloat16)  # fmt: skip
+    *_, mask_p, _, pad_n = pad_inputs(torch.randn(2, 5, 8), idx, torch.arange(10).expand(2, 10), mask)
+    assert pad_n == 22 and mask_p.dtype == torch.bfloat16
+    assert torch.equal(mask_p[..., pad_n:, pad_n:], mask)
+    assert not bool((mask_p[0, 0].diagonal() < 0).any()) and bool(
+        (mask_p[0, 0, :pad_n, :pad_n].tril(-1) < 0).any()
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+def test_on_cuda_a_replayed_graph_equals_the_plain_prefill() -> None:
+    """Captured once, replayed for a second image whose merged-row count is in the same bucket."""
+    model = small_llama().cuda()
+    theta = rope_theta(model.config)
+    for n_u, seed in ((9, 3), (12, 4), (9, 5)):  # 9 and 12 rows share the 32-row bucket
+        torch.manual_seed(seed)
+        merged = torch.randn(1, n_u, 64, device="cuda")
+        merged[:, 0] = 0
+        idx = torch.randint(1, n_u, (1, 40), device="cuda").sort(dim=1).values
+        plain = vtu_prefill(model, merged, idx, theta)
+        _assert_same(plain, graphed_vtu_prefill(model, merged, idx, theta))
+    assert prefill_graph._decoders[model].graphs.captures == 1
