@@ -3,15 +3,44 @@ versions need it, the negative control reproduces the documented error."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
+from packaging.version import Version
 
 import dymu
-from dymu.compat import registry, shims
+from dymu.compat import legacy, registry, shims
 from dymu.compat.checks import CHECKS, check, check_all
 from dymu.errors import DymuError
+from dymu.matrix import cells
+from dymu.versions import installed
 
 FIXES = sorted(registry.fixes())
+
+# The fixes each core cell needs, derived by hand from patches/fixes.toml's ranges and the cell's
+# pins in envs/cells.toml (every core cell installs llava-torch). Written out rather than computed,
+# so a changed range or pin must change this table too, where a reviewer sees it.
+ALWAYS = {"scatter", "legacy-import", "builder-dtype"}
+NEEDED_BY_CELL: dict[str, set[str]] = {
+    "reference": ALWAYS | {"weights-only", "cache-format", "dtype-kwarg", "image-tokens", "mask-helper"},
+    "window": ALWAYS | {"weights-only", "generate-kwargs", "dtype-kwarg", "static-cache"},
+    "bin-guard": ALWAYS | {"weights-only", "safetensors", "generate-kwargs", "dtype-kwarg", "static-cache"},
+    "mask": ALWAYS | {"generate-kwargs", "causal-mask", "dtype-kwarg", "static-cache"},
+    "seed": ALWAYS | {"generate-kwargs", "causal-mask", "cache-layers"},
+    "v5": ALWAYS | {"generate-kwargs", "causal-mask", "cache-layers", "loader-kwargs", "tokenizer",
+                    "rope-parameters", "bos-default"},
+    "latest": ALWAYS | {"cache-rename", "causal-mask", "cache-layers", "loader-kwargs", "rope-parameters",
+                        "cache-keyword", "bos-default"},
+}  # fmt: skip
+
+
+def _cell_versions(cell: dict) -> dict[str, Version | None]:
+    legacy = [spec.split("==")[1] for spec in cell.get("legacy", []) if spec.startswith("llava-torch==")]
+    return {"torch": Version(cell["torch"]), "transformers": Version(cell["transformers"]),
+            "llava-torch": Version(legacy[0]) if legacy else None}  # fmt: skip
 
 
 def test_every_fix_in_the_patch_data_has_a_check_and_a_removal_note() -> None:
@@ -78,3 +107,70 @@ def test_shims_follow_the_registered_ranges() -> None:
     assert shims.image_tokens_per_image(576) == (1 if registry.needed("image-tokens") else 576)
     assert set(shims.dtype_kwargs(None)) == ({"torch_dtype"} if registry.needed("dtype-kwarg") else {"dtype"})
     assert shims.bin_blocked() == registry.needed("safetensors")
+
+
+def test_each_core_cell_needs_exactly_the_hand_derived_fixes() -> None:
+    """The ranges in patches/fixes.toml, evaluated at each core cell's pins, give the table above:
+    narrowing a range (e.g. generate-kwargs `<5.4` -> `<4.57`) changes a cell's set and fails."""
+    data = cells.load()
+    assert set(NEEDED_BY_CELL) == set(data["sets"]["core"])
+    for name, want in NEEDED_BY_CELL.items():
+        versions = _cell_versions(data["cells"][name])
+        assert versions["llava-torch"] is not None, f"{name}: the table assumes the legacy package"
+        got = {fix.name for fix in registry.fixes().values() if fix.needed(versions)[0]}
+        assert got == want, (name, sorted(got ^ want))
+
+
+def test_the_installed_stack_needs_its_cells_fixes() -> None:
+    """Where the installed torch + transformers are a core cell's pins, the runtime's `needed()`
+    gives that cell's hand-derived set (minus the legacy fixes where llava-torch is absent)."""
+    data = cells.load()
+    here = (installed("torch").base_version, installed("transformers").base_version)
+    matches = [
+        n for n in NEEDED_BY_CELL if (data["cells"][n]["torch"], data["cells"][n]["transformers"]) == here
+    ]
+    if not matches:
+        pytest.skip(f"torch {here[0]} + transformers {here[1]} is not a core cell")
+    want = NEEDED_BY_CELL[matches[0]]
+    if installed("llava-torch") is None:
+        want = {n for n in want if "llava-torch" not in registry.fixes()[n].ranges}
+    assert {n for n in registry.fixes() if registry.needed(n)} == want
+
+
+FRESH_CHECKS = textwrap.dedent(
+    """
+    from dymu.compat import legacy
+    from dymu.compat.checks import check_all
+    before = legacy.patch_state()
+    assert before, "no patchable attributes found"
+    results = check_all(negative=True)
+    after = legacy.patch_state()
+    changed = sorted(k for k in before if before[k] is not after[k])
+    assert not changed, f"checks left these patched: {changed}"
+    print("unchanged", len(results))
+    """
+)
+
+
+def test_checks_leave_the_patched_attributes_as_they_found_them() -> None:
+    """In a fresh process (no earlier load has patched anything), running every check, negative
+    controls included, leaves the legacy class and builder as they were: a fix applied for a check
+    cannot carry a later test in the same process."""
+    if installed("llava-torch") is None:
+        pytest.skip("llava-torch not installed: nothing is patched")
+    done = subprocess.run([sys.executable, "-c", FRESH_CHECKS], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "unchanged" in done.stdout, done.stderr[-3000:]
+
+
+def test_patches_restored_undoes_what_the_patch_set_applied() -> None:
+    """The context manager restores replaced attributes and deletes ones it added."""
+    if installed("llava-torch") is None:
+        pytest.skip("llava-torch not installed: nothing is patched")
+    cls = legacy.legacy_class()
+    before = legacy.patch_state()
+    with legacy.patches_restored():
+        cls.forward = lambda self: None
+        cls._dymu_loader = "planted"
+        legacy.apply_patch_set()
+    after = legacy.patch_state()
+    assert all(after[k] is before[k] for k in before), sorted(k for k in before if after[k] is not before[k])

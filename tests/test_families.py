@@ -5,6 +5,10 @@ batching, VTU "none", and the fidelity figure."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -158,3 +162,15 @@ def test_conversation_templates_match_the_legacy_packages_own(conv_mode) -> None
     conv.append_message(conv.roles[0], "<image>\nWhat is shown?")
     conv.append_message(conv.roles[1], None)
     assert text == conv.get_prompt()
+
+
+def test_legacy_family_tests_pass_in_a_fresh_process() -> None:
+    """The legacy-family tests again in a new interpreter, so whatever earlier tests applied or
+    loaded in this one cannot stand in for a fix this stack's patch set lacks (test order then
+    cannot hide a narrowed range: the legacy generate fails with its documented TypeError)."""
+    if installed("llava-torch") is None:
+        pytest.skip("llava-torch not installed (nox cells install it --no-deps)")
+    argv = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
+            "-k", "legacy and not fresh_process"]  # fmt: skip
+    done = subprocess.run(argv, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]

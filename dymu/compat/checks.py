@@ -394,11 +394,11 @@ def _negative_loader_kwargs() -> None:
 def _builder_weights(use_fix: bool) -> torch.Tensor:
     from llava.model.builder import load_pretrained_model  # noqa: PLC0415 - optional dependency
 
-    legacy.apply_patch_set()  # the builder's other kwargs must load on this transformers
     path = _tiny("llava-v1.5-tiny-safetensors")
     context = (legacy.builder_dtype(legacy.legacy_class(), torch.float32) if use_fix
                else contextlib.nullcontext())  # fmt: skip
-    with context:
+    with legacy.patches_restored(), context:
+        legacy.apply_patch_set()  # the builder's other kwargs must load on this transformers
         _, model, _, _ = load_pretrained_model(str(path), None, "llava-v1.5", device_map="cpu", device="cpu")
     stored = load_file(str(path / "model.safetensors"))["model.embed_tokens.weight"]
     got = model.get_input_embeddings().weight.detach().float()
@@ -529,7 +529,13 @@ CHECKS: dict[str, Check] = {
 
 
 def check(fix: Fix, negative: bool = True) -> dict[str, str]:
-    """Run verify() (with the active patch set applied) and, where needed, the negative control."""
+    """Run verify() (with the active patch set applied) and, where needed, the negative control;
+    every attribute the patch set replaced is restored afterwards, so a check leaves no trace."""
+    with legacy.patches_restored():
+        return _check(fix, negative)
+
+
+def _check(fix: Fix, negative: bool) -> dict[str, str]:
     is_needed, why = fix.needed()
     result = {"fix": fix.name, "needed": "yes" if is_needed else "no", "why": why}
     impl = CHECKS[fix.name]

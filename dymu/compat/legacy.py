@@ -206,3 +206,45 @@ def apply_patch_set() -> list[str]:
     for name in applied:
         APPLY[name]()
     return applied
+
+
+_ABSENT = object()  # an attribute the owner did not define itself
+
+
+def _patch_targets() -> list[tuple[Any, str]]:
+    """Every (owner, attribute) that a fix's apply() or `builder_dtype` may replace; none without
+    the legacy package (nothing is patched then)."""
+    if installed("llava-torch") is None:
+        return []
+    try:
+        cls = legacy_class()
+    except DymuError:
+        return []
+    from llava.model import builder  # noqa: PLC0415 - optional dependency
+
+    return [(cls, "forward"), (cls, "from_pretrained"), (cls, "_dymu_loader"), (builder, "torch")]
+
+
+def patch_state() -> dict[str, Any]:
+    """The patchable attributes as their owners define them (`_ABSENT` where inherited or unset):
+    equal before and after a block means the block left no patch behind."""
+    return {f"{owner.__name__}.{name}": vars(owner).get(name, _ABSENT) for owner, name in _patch_targets()}
+
+
+@contextlib.contextmanager
+def patches_restored() -> Iterator[None]:
+    """Restore, when the block ends, every attribute a fix's apply() may have replaced in it.
+
+    Checks run under this, so a fix applied for a check never outlives it: a later test in the
+    same process sees only what its own versions' patch set does (a narrowed range then shows
+    up as the failure it would cause, whatever ran before)."""
+    saved = [(owner, name, vars(owner).get(name, _ABSENT)) for owner, name in _patch_targets()]
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            if value is _ABSENT:
+                if name in vars(owner):
+                    delattr(owner, name)
+            else:
+                setattr(owner, name, value)
