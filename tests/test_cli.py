@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 
 import pytest
+import torch
 
 from dymu.cli import main
 
@@ -80,3 +82,42 @@ def test_convert_bin_to_safetensors(capsys, tmp_path, tiny_checkpoints) -> None:
     assert code == 0 and (dst / "model.safetensors").is_file() and not list(dst.glob("*.bin"))
     code, _, err = _run(capsys, "convert", str(tiny_checkpoints["llava-hf-tiny-bin"]), str(dst))
     assert code == 2 and "already exists" in err
+
+
+class _TouchOnLoad:
+    """Unpickles to a call that creates `marker`: proof that loading ran pickled code."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single-file", "second-of-two-shards"])
+def test_convert_refuses_a_bin_carrying_pickled_code(capsys, tmp_path, tiny_checkpoints, sharded) -> None:
+    """`weights_only=True` refuses the payload; convert must stop there (exit 2, one line), write no
+    output directory and never run the payload, also when the refused file is a later shard."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_checkpoints["llava-hf-tiny-bin"], src)
+    marker = tmp_path / "payload-ran"
+    state = torch.load(src / "pytorch_model.bin", weights_only=True)
+    if sharded:
+        keys = sorted(state)
+        shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+                  "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :]}  # fmt: skip
+        (src / "pytorch_model.bin").unlink()
+        for i, (file, names) in enumerate(shards.items()):
+            part = {k: state[k] for k in names}
+            torch.save({**part, "evil": _TouchOnLoad(marker)} if i == 1 else part, src / file)
+        weight_map = {k: file for file, names in shards.items() for k in names}
+        (src / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    else:
+        torch.save({**state, "evil": _TouchOnLoad(marker)}, src / "pytorch_model.bin")
+    dst = tmp_path / "out"
+    code, _out, err = _run(capsys, "convert", str(src), str(dst))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("dymu: error: "), err
+    assert "cannot be read as plain tensors" in lines[0] and "refusing it" in lines[0]
+    assert not dst.exists() and not list(tmp_path.glob("out*")), "no output directory, not even a partial one"
+    assert not marker.exists(), "the pickled payload ran"

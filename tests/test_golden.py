@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -28,6 +30,21 @@ def test_cell_reproduces_the_reference_cell(case: str) -> None:
             run_case(case, TAU)
         return
     assert compare(run_case(case, TAU), expected(GOLDEN, case), ATOL) == []
+
+
+@pytest.mark.parametrize(("drift", "caught"), [(1e-3, True), (-1e-3, True), (1e-6, False), (0.0, False)])
+def test_the_stored_tolerance_flags_a_1e3_logit_drift(drift: float, caught: bool) -> None:
+    """A silent float bug (an unweighted merge mean moves the top logits by ~0.03 with the same
+    ids) shows only in `top_logits`: the stored tolerance must flag a 1e-3 drift of one logit either
+    way, and let float noise (1e-6; 3.8e-6 is the largest seen across the CPU cells) through."""
+    for case in (CASES[0], CASES[2]):
+        want = GOLDEN["cases"][case]
+        got = copy.deepcopy(want)
+        got["top_logits"][-1][2] += drift
+        problems = compare(got, want, ATOL)
+        assert bool(problems) is caught, (case, drift, problems)
+        if caught:
+            assert problems == [f"top_logits off by {abs(drift):.3g} > atol {ATOL:g}"]
 
 
 def test_golden_catches_a_dropped_mapping(monkeypatch) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import pytest
 
@@ -103,6 +104,46 @@ def test_report_renders_verdicts_and_flags_unexpected(tmp_path) -> None:
     assert "| good |" in markdown and "unexpected" in markdown and "killed (SIGKILL)" in markdown
     assert (tmp_path / "matrix.html").read_text().startswith("<!doctype html>")
     assert json.loads((tmp_path / "matrix.json").read_text())["schema"] == 1
+
+
+def _status_cells(folder) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """Each row's status cell: Markdown text, and (background, text) in the HTML table."""
+    md = {}
+    for line in (folder / "matrix.md").read_text().splitlines():
+        cols = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cols) > 4 and cols[0] != "cell":
+            md[cols[0]] = cols[4]
+    page = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", (folder / "matrix.html").read_text()):
+        tds = re.findall(r"<td style='background:([^']*)'>(.*?)</td>", row)
+        if len(tds) > 4:
+            page[tds[0][1]] = tds[4]
+    return md, page
+
+
+def test_an_expected_failure_renders_as_expected_not_as_pass_or_failure(tmp_path) -> None:
+    """A broken cell that fails as its `expect` says reads `expected <outcome>` (yellow in HTML):
+    not `pass`, not the red failure an unforeseen outcome gets."""
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    known = {"class": "stage-failure", "signature": "AttributeError: no _update_causal_mask", "known": True}
+    rows = {
+        "good": _cell("good", "pass", "yes", "failed as documented"),
+        "no-mask": {"cell": "no-mask", "status": "fail", "expected": "stage-failure/known", "as_expected": True,
+                    "failure": known},
+        "killed": {"cell": "killed", "status": "fail", "expected": "crash", "as_expected": True,
+                   "failure": {"class": "crash", "signature": "killed (SIGKILL)", "known": False}},
+        "surprise": {"cell": "surprise", "status": "fail", "expected": "pass", "as_expected": False,
+                     "failure": {"class": "crash", "signature": "Segfault", "known": False}},
+    }  # fmt: skip
+    for name, cell in rows.items():
+        (folder / f"{name}.json").write_text(json.dumps(cell))
+    report.build(tmp_path)
+    md, page = _status_cells(tmp_path)
+    assert md == {"good": "pass", "no-mask": "expected stage-failure/known", "killed": "expected crash",
+                  "surprise": "**fail (unexpected)**"}  # fmt: skip
+    assert page == {"good": ("#d4f7d4", "pass"), "no-mask": ("#fff3c4", "expected stage-failure/known"),
+                    "killed": ("#fff3c4", "expected crash"), "surprise": ("#f7d4d4", "fail (unexpected)")}  # fmt: skip
 
 
 def test_report_shows_the_full_size_stage_of_gpu_cells(tmp_path) -> None:

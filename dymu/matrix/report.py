@@ -84,6 +84,17 @@ def full_size_summary(stage: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def status_text(row: dict[str, Any]) -> str:
+    """A row's status cell: `pass`; `expected <outcome>` for a failure the cell expects (a broken
+    cell doing its job, e.g. `expected crash`), so it reads neither as a pass nor as a failure to
+    chase; `<status> (unexpected)` for anything else its `expect` did not foresee."""
+    if not row["as_expected"]:
+        return f"{row['status']} (unexpected)"
+    if row["status"] == "pass":
+        return "pass"
+    return f"expected {row['expected']}"
+
+
 def _num(value: Any, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
@@ -127,7 +138,7 @@ def render_markdown(rows: list[dict[str, Any]]) -> str:
              "generate time ratio (random weights).", ""]  # fmt: skip
     table = []
     for r in rows:
-        status = r["status"] if r["as_expected"] else f"**{r['status']} (unexpected)**"
+        status = status_text(r) if r["as_expected"] else f"**{status_text(r)}**"
         ratio = f"{r['bench_ratio']:.2f}" if isinstance(r["bench_ratio"], (int, float)) else "-"
         table.append([r["cell"], r["where"], r["torch"], r["transformers"], status, *r["stages"].values(), ratio,
                       *r["fixes"].values()])  # fmt: skip
@@ -146,6 +157,7 @@ def render_markdown(rows: list[dict[str, Any]]) -> str:
 def render_html(rows: list[dict[str, Any]]) -> str:
     colors = {"pass": "#d4f7d4", "fixed": "#d4f7d4", "ok": "#eef7ee", "known": "#fff3c4", "fail": "#f7d4d4",
               "FAIL": "#f7d4d4", "n.a.": "#eeeeee"}  # fmt: skip
+    status_colors = {"pass": colors["pass"], "expected": colors["known"], "unexpected": colors["fail"]}
     head = ["cell", "where", "torch", "transformers", "status", *STAGES, "stock/dymu", *FIXES]
     out = ["<!doctype html><meta charset='utf-8'><title>dymu compatibility matrix</title>",
            "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px 6px;font-size:13px}"
@@ -154,10 +166,17 @@ def render_html(rows: list[dict[str, Any]]) -> str:
     out += [f"<th>{html.escape(h)}</th>" for h in head] + ["</tr>"]
     for r in rows:
         ratio = f"{r['bench_ratio']:.2f}" if isinstance(r["bench_ratio"], (int, float)) else "-"
-        values = [r["cell"], r["where"], r["torch"], r["transformers"], r["status"], *r["stages"].values(), ratio,
-                  *r["fixes"].values()]  # fmt: skip
+        status = status_text(r)
+        kind = "unexpected" if not r["as_expected"] else "pass" if status == "pass" else "expected"
+        values = [
+            (v, colors.get(str(v), "white")) for v in (r["cell"], r["where"], r["torch"], r["transformers"])
+        ]
+        values.append((status, status_colors[kind]))
+        values += [
+            (v, colors.get(str(v), "white")) for v in (*r["stages"].values(), ratio, *r["fixes"].values())
+        ]
         out.append("<tr>" + "".join(
-            f"<td style='background:{colors.get(str(v), 'white')}'>{html.escape(str(v))}</td>" for v in values
+            f"<td style='background:{color}'>{html.escape(str(v))}</td>" for v, color in values
         ) + "</tr>")  # fmt: skip
     out.append("</table>")
     full_size = full_size_markdown(rows)
