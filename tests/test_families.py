@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import dymu
-from dymu.compat.shims import cache_length
-from dymu.generation import generate_prepared, prepare
+from dymu.compat.shims import cache_length, cache_tensors
+from dymu.generation import generate_prepared, prepare, stock_prepare
 from dymu.versions import installed
 
 QUESTIONS = ["What is this?", "Describe the picture in detail, please.", "Colours?"]
@@ -61,6 +61,29 @@ def test_t3_cache_holds_text_plus_576_equivalent(tiny_checkpoints, images, calib
     out = generate_prepared(model.parts, batch, NEW_TOKENS)
     assert out.sequences.shape[1] == n_text + 64 + NEW_TOKENS
     assert cache_length(out.past_key_values) == n_text + 64 + NEW_TOKENS - 1
+
+
+@pytest.mark.parametrize("family", FAMILY)
+def test_unmerged_prepare_fills_the_stock_prefills_cache(tiny_checkpoints, images, family) -> None:
+    """With merging off, DyMU's prefill (fast VTU) leaves the cache the stock prefill leaves: the
+    same length (every prompt position but the last, which generate runs) and the same keys and
+    values at every real position of a left-padded batch. A cache one position short, or shifted,
+    fails here without decoding anything."""
+    model = dymu.load(_path(tiny_checkpoints, family), thresholds=torch.full((4,), float("inf")))
+    ids = [model.tokenize(dymu.format_prompt(q)) for q in QUESTIONS]
+    pixels = model.pixel_values(images[:3])
+    ours, stock = prepare(model.parts, ids, pixels, model.thresholds), stock_prepare(model.parts, ids, pixels)
+    assert torch.equal(ours.virtual_ids, stock.virtual_ids)
+    assert torch.equal(ours.attention_mask, stock.attention_mask)
+    real = ours.attention_mask[:, :-1].bool()
+    assert not bool(real.all()), "the prompts must differ in length so the batch is padded"
+    n = ours.virtual_ids.shape[1] - 1
+    (keys, values), (stock_keys, stock_values) = cache_tensors(ours.cache), cache_tensors(stock.cache)
+    assert len(keys) == len(stock_keys) == model.parts.decoder.config.num_hidden_layers
+    for got, want in zip(keys + values, stock_keys + stock_values, strict=True):
+        assert got.shape == want.shape and got.shape[-2] == n
+        for b in range(len(ids)):
+            torch.testing.assert_close(got[b][:, real[b]], want[b][:, real[b]], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILY)

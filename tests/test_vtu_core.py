@@ -97,3 +97,42 @@ def test_padded_batch_equals_single_rows(deterministic: bool) -> None:
         single = prefill(model, emb, row_idx, deterministic)
         n_u = emb.shape[1]
         torch.testing.assert_close(batched.hidden[b, :n_u], single.hidden[0], rtol=1e-4, atol=1e-5)
+
+
+def naive_group_mean(y: torch.Tensor, idx: torch.Tensor, n_u: int) -> torch.Tensor:
+    """Reference P·y: row (b, u) is the plain mean of the y[b, j] with idx[b, j] == u (0 if none)."""
+    out = torch.zeros(y.shape[0], n_u, y.shape[2], dtype=torch.float64)
+    for b in range(y.shape[0]):
+        for u in range(n_u):
+            members = [y[b, j].double() for j in range(y.shape[1]) if int(idx[b, j]) == u]
+            if members:
+                out[b, u] = torch.stack(members).mean(0)
+    return out
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["index-add", "assignment-bmm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_remerge_is_the_plain_mean_of_differing_members(deterministic: bool, dtype: torch.dtype) -> None:
+    """Each remerge path (index_add_ sums, the deterministic assignment bmm) against a plain loop,
+    on virtual rows that differ within each group, groups of 1-3 members, an empty group and rows
+    of another batch entry in between: a first-member, sum or wrong-row remerge cannot pass."""
+    idx = torch.tensor([[0, 1, 1, 2, 2, 2, 3, 4], [0, 0, 1, 3, 3, 1, 4, 4]])  # row 1: group 2 empty
+    y = torch.randn(2, 8, 6, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = Remerger(idx, 5, dtype, deterministic)(y)
+    want = naive_group_mean(y, idx, 5)
+    assert got.dtype == dtype and got.shape == (2, 5, 6)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    assert not torch.allclose(want[0, 2], y[0, 3].double(), atol=0.1), "members must differ"
+
+
+def test_vtu_prefill_takes_the_remerge_path_its_options_name() -> None:
+    """Both remerge paths through the whole prefill agree, on a mapping with real groups."""
+    model = small_llama()
+    merged = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(2))
+    idx = torch.tensor([[0, 1, 1, 2, 3, 3, 3, 4, 5], [0, 1, 2, 2, 2, 3, 4, 4, 5]])
+    plain, fixed = prefill(model, merged, idx, False), prefill(model, merged, idx, True)
+    torch.testing.assert_close(plain.hidden, fixed.hidden, rtol=1e-4, atol=1e-5)
+    for a, b in zip(plain.keys + plain.values, fixed.keys + fixed.values, strict=True):
+        assert a.shape == (2, 2, 9, 16)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
