@@ -27,7 +27,7 @@ from .cuda_graph import GraphCache
 from .options import DEFAULT, Options
 from .vtu import VtuOutput, additive_mask, head_dim, vtu_prefill
 
-BUCKET = 32
+BUCKET = 64  # rows and virtual length; at batch 1 the GEMMs are weight-bound, so 64 extra rows cost little
 _MAX_GRAPHS = 64  # per decoder: (row buckets) x (virtual-length buckets) seen in a run
 _MAX_BUFFERS = 2  # per decoder: K/V buffers of distinct (batch, padded N); each is a full KV cache
 
