@@ -5,7 +5,8 @@ the matrix loop itself lives in dymu/matrix/orchestrate.py (this file only wires
 - `nox -s "cell(latest)"`: build one cell and run the cell runner -> reports/cells/latest.json;
 - `nox -s golden`: regenerate the golden outputs in the reference cell;
 - `nox -s matrix -- --set core [--cells a,b] [--backend local|docker] [--timeout S] [--force] [--list]`;
-- `nox -s lint`: ruff check + format check.
+- `nox -s lint`: ruff check + format check;
+- `nox -s mutation [-- GROUP ...]`: mutmut over the core modules in the seed cell (not in `.ci/run`).
 """
 
 from __future__ import annotations
@@ -101,6 +102,16 @@ def golden(session: nox.Session) -> None:
     """Regenerate tests/golden/reference.json in the reference cell; review the diff like code."""
     install_cell(session, "reference")
     session.run("python", "-m", "dymu.matrix.golden")
+
+
+@nox.session(python=CELLS["cells"]["seed"]["python"])
+def mutation(session: nox.Session) -> None:
+    """Mutation testing (mutmut) of the core modules in the seed cell's stack, with the fast tests
+    that cover each; `-- merge scatter` runs only those groups. Not part of `.ci/run` (it takes
+    tens of minutes); scores and surviving mutants: README, "Mutation testing"."""
+    install_cell(session, "seed")
+    session.install("mutmut==3.8.1")
+    session.run("python", "scripts/mutation.py", *session.posargs)
 
 
 @nox.session(python=False)

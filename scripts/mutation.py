@@ -1,0 +1,125 @@
+"""Mutation testing of dymu's core modules with mutmut, one module group at a time (`nox -s mutation`).
+
+Each group gets a copy of the tree in .nox/mutation/<group>/ whose pyproject.toml names the group's
+modules and the fast tests that cover them ([tool.mutmut]); `mutmut run` mutates them there and
+runs, for each mutant, the tests that reach the mutated function. The counts and the surviving
+mutants (with their diffs) go to .nox/mutation/<group>.json, a summary to stdout. Slow tests (the
+ViT-L geometry tower, held-out calibration, subprocess tests) are left out to keep a run bounded.
+
+    python scripts/mutation.py [GROUP ...] [--jobs N]    # default: every group, 2 jobs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / ".nox" / "mutation"
+COPY = ("dymu", "tests", "patches", "envs", "pyproject.toml", "README.md")
+FAST = "not vitl and not cuda and not held_out and not fresh_process and not found_them"
+
+# group -> (modules to mutate, pytest selection: the fast tests that cover them)
+GROUPS: dict[str, tuple[list[str], list[str]]] = {
+    "merge": (["dymu/merge.py"], ["tests/test_merge_rules.py", "tests/test_tower_invariants.py", "-k", FAST]),
+    "scatter": (["dymu/scatter.py"], ["tests/test_scatter.py", "tests/test_vtu_core.py", "-k", FAST]),
+    "vtu": (["dymu/vtu.py", "dymu/expand_rope.py"],
+            ["tests/test_vtu_core.py", "tests/test_expand_rope.py", "tests/test_prefill_graph.py", "-k", FAST]),
+    "thresholds": (["dymu/thresholds.py"], ["tests/test_thresholds.py", "tests/test_bad_input.py", "-k", FAST]),
+    "calibration": (["dymu/calibration.py"], ["tests/test_calibrate.py", "tests/test_merge_rules.py", "-k", FAST]),
+    "generation": (["dymu/generation.py"], ["tests/test_families.py", "-k", f"{FAST} and not fidelity"]),
+    "compat": (["dymu/compat/shims.py", "dymu/compat/registry.py"], ["tests/test_compat.py", "-k", FAST]),
+    "matrix": (["dymu/matrix/outcome.py", "dymu/matrix/golden.py", "dymu/matrix/report.py"],
+               ["tests/test_matrix.py", "tests/test_golden.py", "-k", FAST]),
+}  # fmt: skip
+STATUSES = ("killed", "survived", "no tests", "timeout", "suspicious", "skipped", "not checked", "segfault")
+
+
+def _toml_list(items: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+
+def prepare(group: str) -> Path:
+    """A fresh copy of the tree for one group, configured for mutmut."""
+    modules, selection = GROUPS[group]
+    folder = WORK / group
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name in COPY:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, folder / name)
+    config = "\n".join([
+        "", "[tool.mutmut]", 'source_paths = ["dymu"]', f"only_mutate = {_toml_list(modules)}",
+        'also_copy = ["patches", "envs", "README.md"]',
+        f"pytest_add_cli_args_test_selection = {_toml_list(selection)}",
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]',
+        'process_isolation = "forkserver"', "",
+    ])  # fmt: skip
+    with (folder / "pyproject.toml").open("a", encoding="utf-8") as f:
+        f.write(config)
+    return folder
+
+
+def mutmut(folder: Path, *args: str, timeout: int | None = None) -> subprocess.CompletedProcess:
+    exe = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or shutil.which("mutmut")
+    if exe is None:
+        raise SystemExit("mutmut is not installed in this environment (pip install mutmut)")
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([exe, *args], cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_group(group: str, jobs: int) -> dict:
+    """Mutate one group and collect its verdicts."""
+    folder = prepare(group)
+    done = mutmut(folder, "run", "--max-children", str(jobs))
+    listing = mutmut(folder, "results", "--all", "true").stdout
+    verdicts: dict[str, str] = {}
+    for line in listing.splitlines():
+        name, _, status = line.strip().rpartition(": ")
+        if name and status in STATUSES:
+            verdicts[name] = status
+    counts = {
+        s: sum(v == s for v in verdicts.values()) for s in STATUSES if any(v == s for v in verdicts.values())
+    }
+    survivors = {
+        n: mutmut(folder, "show", n).stdout for n, s in verdicts.items() if s in ("survived", "no tests")
+    }
+    result = {"group": group, "modules": GROUPS[group][0], "tests": GROUPS[group][1], "counts": counts,
+              "exit_code": done.returncode, "survivors": survivors,
+              "log_tail": (done.stdout + done.stderr)[-2000:] if done.returncode else ""}  # fmt: skip
+    (WORK / f"{group}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("groups", nargs="*", help=f"any of {', '.join(GROUPS)} (default: all)")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.groups) - set(GROUPS))
+    if unknown:
+        parser.error(f"unknown groups {unknown}; known: {', '.join(GROUPS)}")
+    WORK.mkdir(parents=True, exist_ok=True)
+    code = 0
+    for group in args.groups or list(GROUPS):
+        result = run_group(group, args.jobs)
+        counts = result["counts"]
+        tested = counts.get("killed", 0) + counts.get("survived", 0) + counts.get("timeout", 0)
+        score = (counts.get("killed", 0) + counts.get("timeout", 0)) / tested if tested else 0.0
+        print(f"{group:<12} {score:6.1%} killed of {tested} tested  {counts}")
+        for name in result["survivors"]:
+            print(f"    survived: {name}")
+        code = code or (1 if result["exit_code"] not in (0, None) and not counts else 0)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
