@@ -59,3 +59,15 @@ def test_plain_scatter_add_fails_on_these_layouts() -> None:
     index = torch.tensor([0, 2, 2, 5, 0, 1, 5, 5, 2])
     with pytest.raises(RuntimeError):
         torch.zeros(2, 6, 3, 4).scatter_add_(1, index, src)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_float64_results_are_float64_exact_and_dim_defaults_to_0(deterministic: bool) -> None:
+    """No step rounds through float32 (the mean's 1/count weights included), and a 2-D call
+    without `dim` groups rows."""
+    src = torch.randn(9, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    index = torch.tensor([0, 2, 2, 5, 0, 1, 5, 5, 2])
+    for fn, mean in ((group_sum, False), (group_mean, True)):
+        got = fn(src, index, 6, deterministic=deterministic)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, naive_group(src, index, 6, 0, mean), rtol=1e-13, atol=1e-13)
