@@ -194,6 +194,8 @@ def stage_full_size(
     model = random_llava("full", dev, torch.float32)
     stock_fp32 = stock_run(model, FAMILIES["hf"].parts(model), ids, pixels)
     checks = {"identity": identity_check(model, FAMILIES["hf"].parts(model), ids, pixels, stock=stock_fp32)}
+    # batch 1 takes the other paths on CUDA (the VTU prefill replayed from a CUDA graph): gate it too
+    checks["identity-batch-1"] = identity_check(model, FAMILIES["hf"].parts(model), ids[:1], pixels[:1])
     del model
     torch.cuda.empty_cache()
     # gate 2, bf16: DyMU drifts from the float32 truth no more than stock's own bf16 rounding does
