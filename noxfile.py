@@ -1,8 +1,10 @@
 """nox sessions (uv backend). The cells, their Pythons and their pins come from envs/cells.toml;
 the matrix loop itself lives in dymu/matrix/orchestrate.py (this file only wires sessions to it).
 
-- `nox -s tests`: the unit tests in every cell of `[sets].tests`, then that cell's runner;
-- `nox -s "cell(latest)"`: build one cell and run the cell runner -> reports/cells/latest.json;
+- `nox -s tests`: the unit tests in every cell of `[sets].tests`, then that cell's runner
+  (-> .nox/reports/cells/, never the committed reports/; `-- --update-reports` writes reports/cells/);
+  the run ends with `TOTAL: N passed, N failed, N skipped` over the cells it ran;
+- `nox -s "cell(latest)"`: build one cell and run the cell runner -> .nox/reports/cells/latest.json;
 - `nox -s golden`: regenerate the golden outputs in the reference cell;
 - `nox -s matrix -- --set core [--cells a,b] [--backend local|docker] [--timeout S] [--force] [--list]`;
 - `nox -s lint`: ruff check + format check;
@@ -11,6 +13,7 @@ the matrix loop itself lives in dymu/matrix/orchestrate.py (this file only wires
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -31,6 +34,10 @@ CELLS = cells.load()
 TEST_CELLS = CELLS["sets"]["tests"]
 ALL_CELLS = list(CELLS["cells"])
 TOOLS_PYTHON = CELLS["defaults"]["python"]
+# uv's own setting for which PyTorch wheels to fetch (`cpu`, `cu126`, `auto`, ...). Unset (the
+# default) installs torch from PyPI as pinned; `UV_TORCH_BACKEND=cpu nox -s tests` gets the small
+# CPU wheels from PyTorch's index instead (needs that index to be reachable).
+TORCH_BACKEND = os.environ.get("UV_TORCH_BACKEND", "")
 
 
 def _python_and_cell(names: list[str]) -> list[tuple[str, str]]:
@@ -39,7 +46,11 @@ def _python_and_cell(names: list[str]) -> list[tuple[str, str]]:
 
 def install_cell(session: nox.Session, name: str) -> None:
     cell = CELLS["cells"][name]
-    session.install(*cells.requirements(cell))
+    if TORCH_BACKEND:
+        session.log(f"torch wheels from uv's {TORCH_BACKEND!r} backend (UV_TORCH_BACKEND)")
+    # passed explicitly so the setting reaches uv even where nox filters the environment
+    env = {"UV_TORCH_BACKEND": TORCH_BACKEND} if TORCH_BACKEND else None
+    session.install(*cells.requirements(cell), env=env)
     session.install("-e", ".[test]")
     if cell.get("legacy"):
         session.install("--no-deps", *cell["legacy"])
@@ -47,7 +58,7 @@ def install_cell(session: nox.Session, name: str) -> None:
 
 def run_cell_runner(session: nox.Session, name: str, out: Path | None = None, **kwargs) -> str:
     """The cell runner in this session's env; returns the status its result records."""
-    out = out or ROOT / "reports" / "cells" / f"{name}.json"
+    out = out or cells.results_dir(ROOT) / f"{name}.json"
     session.run("python", "-m", "dymu.matrix.runner", *cells.runner_args(name, CELLS["cells"][name], str(out), "local"),
                 **kwargs)  # fmt: skip
     try:
@@ -64,27 +75,45 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
 
 
+RAN_JUNIT: list[Path] = []  # the junit files of the test cells this nox invocation ran
+
+
+def _closing_total() -> None:
+    """Runs at exit, after nox's own session summary, so the README's test command ends with the
+    TOTAL line `.ci/run` prints (this run's cells only; report under .nox/reports)."""
+    sys.stderr.flush()
+    junit.closing(RAN_JUNIT, cells.results_dir(ROOT).parent)
+    sys.stdout.flush()
+
+
 @nox.session
 @nox.parametrize("python,cell", _python_and_cell(TEST_CELLS), ids=TEST_CELLS)
 def tests(session: nox.Session, cell: str) -> None:
-    """Unit tests in one matrix cell's stack, then that cell's matrix runner (-> reports/cells/)."""
+    """Unit tests in one matrix cell's stack, then that cell's matrix runner (-> .nox/reports/cells/;
+    `-- --update-reports`: reports/cells/, the committed results)."""
+    args = list(session.posargs)
+    update = "--update-reports" in args
+    args = [a for a in args if a != "--update-reports"]
     install_cell(session, cell)
-    report = ROOT / ".nox" / f"junit-{cell}.xml"
+    report_xml = ROOT / ".nox" / f"junit-{cell}.xml"
+    if not RAN_JUNIT:
+        atexit.register(_closing_total)
+    RAN_JUNIT.append(report_xml)
+    report_xml.unlink(missing_ok=True)  # a stale file from an earlier run must not count
     session.run("dymu", "doctor")
-    session.run("python", "-m", "pytest", f"--junitxml={report}", *session.posargs, success_codes=[0, 1, 5])
-    totals = junit.totals(report)
+    session.run("python", "-m", "pytest", f"--junitxml={report_xml}", *args, success_codes=[0, 1, 5])
+    totals = junit.totals(report_xml)
     session.log(
         f"cell {cell}: {totals['passed']} passed, {totals['failed']} failed, {totals['skipped']} skipped"
     )
-    runner_status = run_cell_runner(session, cell, success_codes=[0, 1])
+    out = cells.results_dir(ROOT, update_reports=update) / f"{cell}.json"
+    runner_status = run_cell_runner(session, cell, out, success_codes=[0, 1])
     if totals["passed"] + totals["failed"] == 0:
         session.error(f"pytest collected no tests in cell {cell} (exit 5): a broken test tree, not a pass")
     if totals["failed"]:
         session.error(f"{totals['failed']} test(s) failed in cell {cell}")
     if runner_status != "pass":
-        session.error(
-            f"the matrix runner says {runner_status!r} in cell {cell}: see reports/cells/{cell}.json"
-        )
+        session.error(f"the matrix runner says {runner_status!r} in cell {cell}: see {out.relative_to(ROOT)}")
 
 
 @nox.session

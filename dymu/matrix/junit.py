@@ -11,6 +11,8 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from . import report
+
 
 def totals(path: str | Path) -> dict[str, int]:
     """passed / failed (failures + errors) / skipped of one junit file."""
@@ -43,6 +45,15 @@ def main(paths: list[str]) -> int:
         print("ci: no tests ran (pytest exit 5 semantics): treated as a failure")
         return 5
     return 1 if failed else 0
+
+
+def closing(paths: list[Path], reports: Path) -> int:
+    """The end of `nox -s tests`: render the test cells' results under `reports` (a build folder,
+    never the committed reports/) and print the TOTAL line last, as `.ci/run` does."""
+    if (reports / "cells").is_dir():
+        report.build(reports)
+        print(f"test cells' report: {reports / 'matrix.md'}")
+    return main([str(p) for p in paths])  # a cell that left no junit file counts as a failure
 
 
 if __name__ == "__main__":
