@@ -144,6 +144,12 @@ def requirements(cell: dict[str, Any]) -> list[str]:
     return [f"torch=={cell['torch']}", f"transformers=={cell['transformers']}", *cell.get("companions", [])]
 
 
+def results_dir(root: Path, update_reports: bool = False) -> Path:
+    """Where a test run's cell results go: `.nox/reports/cells` (ignored by git), so running the
+    tests leaves the checkout clean; `reports/cells` (committed) only when asked to update them."""
+    return root / ("reports" if update_reports else ".nox/reports") / "cells"
+
+
 def runner_args(name: str, cell: dict[str, Any], out: str, backend: str) -> list[str]:
     """The cell runner's arguments, fault injection included (`python -m dymu.matrix.runner ...`)."""
     args = ["--cell", name, "--out", out, "--backend", backend]
