@@ -118,7 +118,10 @@ def test_remerge_is_the_plain_mean_of_differing_members(deterministic: bool, dty
     of another batch entry in between: a first-member, sum or wrong-row remerge cannot pass."""
     idx = torch.tensor([[0, 1, 1, 2, 2, 2, 3, 4], [0, 0, 1, 3, 3, 1, 4, 4]])  # row 1: group 2 empty
     y = torch.randn(2, 8, 6, generator=torch.Generator().manual_seed(1)).to(dtype)
-    got = Remerger(idx, 5, dtype, deterministic)(y)
+    remerge = Remerger(idx, 5, dtype, deterministic)
+    assert (remerge.assign is not None) == deterministic, "the option picks the path under test"
+    assert Remerger(idx, 5, dtype).assign is None, "index_add_ sums by default"
+    got = remerge(y)
     want = naive_group_mean(y, idx, 5)
     assert got.dtype == dtype and got.shape == (2, 5, 6)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
