@@ -95,6 +95,16 @@ def status_text(row: dict[str, Any]) -> str:
     return f"expected {row['expected']}"
 
 
+def headline(rows: list[dict[str, Any]]) -> str:
+    """The page's first line: how many cells behaved as their `expect` says, and which did not."""
+    wrong = [f"{r['cell']} ({status_text(r)})" for r in rows if not r["as_expected"]]
+    on_purpose = [r["cell"] for r in rows if r["as_expected"] and r["status"] != "pass"]
+    line = f"{len(rows) - len(wrong)} of {len(rows)} cells behaved as expected"
+    if on_purpose:
+        line += f" ({len(on_purpose)} of them failing on purpose: {', '.join(on_purpose)})"
+    return line + (f"; not as expected: {', '.join(wrong)}." if wrong else "; none did otherwise.")
+
+
 def _num(value: Any, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
@@ -131,7 +141,7 @@ def full_size_markdown(rows: list[dict[str, Any]]) -> list[str]:
 
 def render_markdown(rows: list[dict[str, Any]]) -> str:
     head = ["cell", "where", "torch", "transformers", "status", *STAGES, "stock/dymu", *FIXES]
-    lines = ["# Compatibility matrix", "",
+    lines = ["# Compatibility matrix", "", f"**{headline(rows)}**", "",
              "Fix verdicts: `fixed` = needed here, verify() held and the negative control failed as documented; "
              "`ok` = not needed here (version outside its range) and verify() held; `FAIL`; `n.a.` = not "
              "checkable here (a dependency missing). Stages: pass / fail / -. `stock/dymu` is the tiny-model "
@@ -149,8 +159,9 @@ def render_markdown(rows: list[dict[str, Any]]) -> str:
         lines += ["", "## Failures", ""]
         for r in failures:
             f = r["failure"]
+            log = f" ([log]({r['log']}))" if r.get("log") else ""
             lines.append(f"- **{r['cell']}** ({r['where']}): {f.get('class')} ({'known' if f.get('known') else 'unknown'} "
-                         f"signature) `{f.get('signature', '')[:200]}`")  # fmt: skip
+                         f"signature) `{f.get('signature', '')[:200]}`{log}")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -162,8 +173,9 @@ def render_html(rows: list[dict[str, Any]]) -> str:
     out = ["<!doctype html><meta charset='utf-8'><title>dymu compatibility matrix</title>",
            "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px 6px;font-size:13px}"
            "table{border-collapse:collapse}</style><h1>dymu compatibility matrix</h1>",
+           f"<p id='headline'><b>{html.escape(headline(rows))}</b></p>",
            f"<p>generated {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}</p><table><tr>"]  # fmt: skip
-    out += [f"<th>{html.escape(h)}</th>" for h in head] + ["</tr>"]
+    out += [f"<th>{html.escape(h)}</th>" for h in (*head, "log")] + ["</tr>"]
     for r in rows:
         ratio = f"{r['bench_ratio']:.2f}" if isinstance(r["bench_ratio"], (int, float)) else "-"
         status = status_text(r)
@@ -175,10 +187,20 @@ def render_html(rows: list[dict[str, Any]]) -> str:
         values += [
             (v, colors.get(str(v), "white")) for v in (*r["stages"].values(), ratio, *r["fixes"].values())
         ]
+        log = f"<a href='{html.escape(r['log'])}'>log</a>" if r.get("log") else "-"
         out.append("<tr>" + "".join(
             f"<td style='background:{color}'>{html.escape(str(v))}</td>" for v, color in values
-        ) + "</tr>")  # fmt: skip
+        ) + f"<td>{log}</td></tr>")  # fmt: skip
     out.append("</table>")
+    failures = [r for r in rows if r["failure"]]
+    if failures:
+        out.append("<h2>Failures</h2><ul>")
+        for r in failures:
+            f = r["failure"]
+            log = f" (<a href='{html.escape(r['log'])}'>log</a>)" if r.get("log") else ""
+            out.append(f"<li><b>{html.escape(str(r['cell']))}</b>: {html.escape(status_text(r))}, "
+                       f"<code>{html.escape(str(f.get('signature', ''))[:200])}</code>{log}</li>")  # fmt: skip
+        out.append("</ul>")
     full_size = full_size_markdown(rows)
     if full_size:
         out += ["<h2>Full-size stage (GPU cells)</h2>", f"<p>{html.escape(full_size[3])}</p>", "<table>"]
@@ -192,6 +214,15 @@ def render_html(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
+def log_link(reports: Path, cell: dict[str, Any]) -> str | None:
+    """The cell's log relative to the reports folder (where matrix.html sits), if it is there."""
+    sub = {"docker": "docker/logs", "gpu": "gpu/logs"}.get(
+        "docker" if cell.get("backend") == "docker" else str(cell.get("where")), "logs"
+    )
+    name = f"{sub}/{cell.get('cell')}.log"
+    return name if (reports / name).is_file() else None
+
+
 def build(reports: Path) -> dict[str, Any]:
     """Read reports/{cells,docker/cells,gpu/cells}/*.json; write the three report files."""
     cells = (
@@ -200,6 +231,8 @@ def build(reports: Path) -> dict[str, Any]:
         + [{**c, "where": c.get("where", "gpu")} for c in load_cells(reports / "gpu" / "cells")]
     )
     rows = [summarize(c) for c in cells]
+    for row, cell in zip(rows, cells, strict=True):
+        row["log"] = log_link(reports, cell)
     data = {"schema": 1, "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "summary": rows, "cells": cells}  # fmt: skip
     write_text(reports / "matrix.json", json.dumps(data, indent=1) + "\n")
