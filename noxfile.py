@@ -7,6 +7,8 @@ the matrix loop itself lives in dymu/matrix/orchestrate.py (this file only wires
 - `nox -s "cell(latest)"`: build one cell and run the cell runner -> .nox/reports/cells/latest.json;
 - `nox -s golden`: regenerate the golden outputs in the reference cell;
 - `nox -s matrix -- --set core [--cells a,b] [--backend local|docker] [--timeout S] [--force] [--list]`;
+- `nox -s docker_tests [-- --base TAG]`: the Docker backend against a real engine (needs one; builds
+  the offline base docker/offline-base.sh makes when TAG, default dymu-base:bookworm, is missing);
 - `nox -s lint`: ruff check + format check;
 - `nox -s mutation [-- GROUP ...]`: mutmut over the core modules in the seed cell (not in `.ci/run`).
 """
@@ -16,10 +18,16 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import nox
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 ROOT = Path(__file__).parent
 sys.path.insert(0, str(ROOT))  # dymu.matrix needs no torch: nox's own interpreter runs it
@@ -56,10 +64,11 @@ def install_cell(session: nox.Session, name: str) -> None:
         session.install("--no-deps", *cell["legacy"])
 
 
-def run_cell_runner(session: nox.Session, name: str, out: Path | None = None, **kwargs) -> str:
+def run_cell_runner(session: nox.Session, name: str, out: Path | None = None, expect_gpu: bool = False,
+                    **kwargs) -> str:  # fmt: skip
     """The cell runner in this session's env; returns the status its result records."""
     out = out or cells.results_dir(ROOT) / f"{name}.json"
-    session.run("python", "-m", "dymu.matrix.runner", *cells.runner_args(name, CELLS["cells"][name], str(out), "local"),
+    session.run("python", "-m", "dymu.matrix.runner", *cells.runner_args(name, {**CELLS["cells"][name], "expect_gpu": expect_gpu}, str(out), "local"),
                 **kwargs)  # fmt: skip
     try:
         return json.loads(out.read_text())["status"]
@@ -120,10 +129,11 @@ def tests(session: nox.Session, cell: str) -> None:
 @nox.parametrize("python,cell", _python_and_cell(ALL_CELLS), ids=ALL_CELLS)
 def cell(session: nox.Session, cell: str) -> None:
     """Build one cell's environment and run the cell runner in it (`-- --out F`: where the runner
-    writes; the matrix loop passes its partial file and records the final result itself)."""
+    writes; the matrix loop passes its partial file and records the final result itself;
+    `--expect-gpu`: the cell fails as gpu-missing without CUDA)."""
     out = Path(session.posargs[session.posargs.index("--out") + 1]) if "--out" in session.posargs else None
     install_cell(session, cell)
-    run_cell_runner(session, cell, out)
+    run_cell_runner(session, cell, out, expect_gpu="--expect-gpu" in session.posargs)
 
 
 @nox.session(python=CELLS["cells"]["reference"]["python"])
@@ -141,6 +151,35 @@ def mutation(session: nox.Session) -> None:
     install_cell(session, "seed")
     session.install("mutmut==3.8.1")
     session.run("python", "scripts/mutation.py", *session.posargs)
+
+
+DOCKER_BASE = "dymu-base:bookworm"  # what docker/offline-base.sh tags by default
+
+
+@nox.session(python=TOOLS_PYTHON)
+def docker_tests(session: nox.Session) -> None:
+    """The Docker backend against a real engine (tests/test_docker_engine.py): a cell image built
+    with the CA file, timeout, self-kill, OOM, a failed build, a GPU expectation without a GPU.
+    Needs a reachable engine; `-- --base TAG` names a local base image, else the offline Debian
+    base is built when missing (docker/offline-base.sh). Only the `docker` extra, pytest and the
+    stdlib-only matrix code: no torch here. A skipped test fails the session (it would mean no engine)."""
+    args = list(session.posargs)
+    base = args.pop(args.index("--base") + 1) if "--base" in args else DOCKER_BASE
+    args = [a for a in args if a != "--base"]
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["docker"]
+    session.install(*extra, "pytest", "pyyaml", "packaging")
+    session.install("--no-deps", "-e", ".")
+    if subprocess.run(["docker", "image", "inspect", base], capture_output=True, check=False).returncode:
+        session.run("bash", "docker/offline-base.sh", "--tag", base, external=True)
+    report = ROOT / ".nox" / "junit-docker.xml"
+    report.unlink(missing_ok=True)
+    # --noconftest: tests/conftest.py builds torch fixtures; -p no:cacheprovider: the checkout stays clean
+    session.run("python", "-m", "pytest", "--noconftest", "-p", "no:cacheprovider", f"--junitxml={report}", "-rs",
+                "tests/test_docker_engine.py", *args, env={"DYMU_DOCKER_BASE": base}, success_codes=[0, 1])  # fmt: skip
+    totals = junit.totals(report)
+    if totals["failed"] or totals["skipped"] or not totals["passed"]:
+        session.error(f"docker tests: {totals['passed']} passed, {totals['failed']} failed, "
+                      f"{totals['skipped']} skipped (a skip here means no engine or no base image)")  # fmt: skip
 
 
 @nox.session(python=False)

@@ -1,6 +1,6 @@
-"""The Docker backend: what it runs in a container (always checked), and one real cell on a real
-Docker engine (runs where an engine is reachable and DYMU_DOCKER_BASE names a base image that
-exists there, since the CUDA images need a registry; skipped otherwise, e.g. in CI)."""
+"""The Docker backend: what it asks the engine for (a fake Docker SDK), compose.yaml, the
+Dockerfile, the workflow, the DYMU_* settings and the GPU host checks. The same backend against a
+real engine: tests/test_docker_engine.py (`nox -s docker_tests`)."""
 
 from __future__ import annotations
 
@@ -31,12 +31,17 @@ def test_container_script_installs_the_cells_pins_and_runs_the_runner() -> None:
     assert "-e '/tmp/work[test]'" in script  # the runner finds the golden file next to the source copy
 
 
-def test_docker_options_come_from_the_matrix_command_line(tmp_path) -> None:
+def test_docker_options_come_from_the_matrix_command_line(tmp_path, fake_docker, monkeypatch) -> None:
     cell = CELLS["cells"]["latest"]
     assert backends.get_backend("docker", tmp_path).base_image(cell) == cell["image"]
     chosen = backends.get_backend("docker", tmp_path, base="debian-local:bookworm", gpus_choice="none")
-    assert chosen.base_image(cell) == "debian-local:bookworm" and chosen.gpus() is False
-    assert backends.get_backend("docker", tmp_path, gpus_choice="all").gpus() is True
+    fake_docker.info = {"Runtimes": {"nvidia": {}}}
+    assert chosen.base_image(cell) == "debian-local:bookworm" and chosen.gpu_request() is None
+    _no_host_gpu(monkeypatch, tmp_path)
+    fake_docker.info = {"Runtimes": {"runc": {}}}
+    assert backends.get_backend("docker", tmp_path).gpu_request() is None  # auto: the engine has nothing
+    name, request = backends.get_backend("docker", tmp_path, gpus_choice="all").gpu_request()
+    assert name == "--docker-gpus all" and request["driver"] == "nvidia"
 
 
 def test_docker_backend_reports_why_it_cannot_run(monkeypatch, tmp_path) -> None:
@@ -44,81 +49,6 @@ def test_docker_backend_reports_why_it_cannot_run(monkeypatch, tmp_path) -> None
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
     reason = backend.unavailable()
     assert reason and ("Docker SDK" in reason or "no Docker engine reachable" in reason)
-
-
-def _engine_and_base() -> str | None:
-    base = os.environ.get("DYMU_DOCKER_BASE")
-    if not base:
-        return None
-    try:
-        import docker
-    except ImportError:
-        return None
-    try:
-        docker.from_env().images.get(base)
-    except docker.errors.DockerException:  # no engine reachable, or no such image there
-        return None
-    return base
-
-
-NEEDS_ENGINE = pytest.mark.skipif(
-    _engine_and_base() is None, reason="needs a Docker engine and DYMU_DOCKER_BASE (a local base)"
-)
-
-
-def _run(tmp_path, script: str, timeout: float, **options) -> tuple[backends.CellRun, str]:
-    import docker
-
-    log = tmp_path / "c.log"
-    with log.open("w") as f:
-        run = backends.DockerBackend(tmp_path).run_container(
-            _engine_and_base(), script, f, timeout, labels={"dymu.test": tmp_path.name}, **options
-        )
-    left = docker.from_env().containers.list(all=True, filters={"label": f"dymu.test={tmp_path.name}"})
-    assert not left, "the container must be removed"
-    return run, log.read_text()
-
-
-@NEEDS_ENGINE
-def test_a_hung_container_is_killed_at_the_timeout(tmp_path) -> None:
-    run, log = _run(tmp_path, "echo started; sleep 120", timeout=3)
-    assert run.timed_out and run.returncode is None and "started" in log
-    assert outcome.classify(run.returncode, log, run.timed_out)[0] == "timeout"
-
-
-@NEEDS_ENGINE
-def test_a_process_that_kills_itself_is_a_crash_not_ignored_as_pid_1(tmp_path) -> None:
-    run, log = _run(tmp_path, "echo before; kill -9 $$; echo after", timeout=60)
-    assert run.returncode == 137 and "after" not in log
-    assert outcome.classify(run.returncode, log, run.timed_out) == ("crash", "killed by signal 9")
-
-
-@NEEDS_ENGINE
-def test_an_out_of_memory_kill_is_classified_as_oom(tmp_path) -> None:
-    run, log = _run(tmp_path, "head -c 400m /dev/zero | tail > /dev/null", timeout=120,
-                    mem_limit="64m", memswap_limit="64m")  # fmt: skip
-    assert run.oom_killed and "OOMKilled" in log, (run, log)
-    assert outcome.classify(run.returncode, log, run.timed_out, run.oom_killed)[0] == "oom"
-
-
-@NEEDS_ENGINE
-def test_a_real_cell_runs_in_a_container(tmp_path) -> None:
-    """The `latest` cell end to end in a container: image build, uv install, runner, JSON out."""
-    root = tmp_path / "repo"  # a copy: the container mounts it, so host symlinks would dangle
-    root.mkdir()
-    for part in ("dymu", "patches", "tests", "docker", "pyproject.toml", "README.md"):
-        src = ROOT / part
-        if src.is_file():
-            shutil.copy(src, root / part)
-        else:
-            shutil.copytree(src, root / part, ignore=shutil.ignore_patterns("__pycache__"))
-    backend = backends.DockerBackend(root, base=_engine_and_base())
-    run = backend.run_cell("latest", CELLS["cells"]["latest"], tmp_path / "latest.log", timeout=1500)
-    log = (tmp_path / "latest.log").read_text()
-    assert (run.returncode, run.timed_out) == (0, False), log[-3000:]
-    result = json.loads((root / "reports" / "docker" / "cells" / "latest.json").read_text())
-    assert result["status"] == "pass" and result["versions"]["transformers"] == "5.24.0"
-    assert result["stages"]["golden"]["status"] == "pass"
 
 
 def test_compose_bench_runs_the_latest_cells_stack_on_the_gpus() -> None:
@@ -149,7 +79,11 @@ def test_workflow_fans_cells_out_to_gpu_runners_and_joins_them_in_a_report() -> 
         cell["strategy"]["fail-fast"] is False
         and "needs.plan.outputs.cells" in cell["strategy"]["matrix"]["cell"]
     )
-    assert any('--cells "$CELL" --backend docker' in step.get("run", "") for step in cell["steps"])
+    assert any(
+        '--cells "$CELL" --backend docker --expect-gpu' in step.get("run", "") for step in cell["steps"]
+    )
+    bench = "\n".join(step.get("run", "") for step in jobs["bench"]["steps"])
+    assert bench.index("python3 -m dymu.matrix.gpu_host --cell latest") < bench.index("docker compose up")
     assert jobs["report"]["needs"] == "cell" and jobs["report"]["if"] == "always()"
     plan = next(step["run"] for step in jobs["plan"]["steps"] if step.get("id") == "plan")
     assert 'python3 -m dymu.matrix.orchestrate --set "$CELL_SET" --list --json' in plan
@@ -218,6 +152,9 @@ class _FakeDocker:
         self.killed = 0
         self.overlay_fails = overlay_fails
         self.on_wait = on_wait or (lambda container: None)
+        self.info = {"Runtimes": {}}
+        self.images_present = True
+        self.builds: list[dict] = []  # each build's keywords plus the files its context held
         fake = self
 
         class Volume:
@@ -240,7 +177,15 @@ class _FakeDocker:
 
         class Images:
             def get(self, tag):
+                if not fake.images_present:
+                    raise fake.errors.ImageNotFound(tag)
                 return tag
+
+            def build(self, **kwargs):
+                root = pathlib.Path(kwargs["path"])
+                files = {str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*") if f.is_file()}
+                fake.builds.append({**kwargs, "files": files})
+                return kwargs["tag"], iter([{"stream": "built\n"}])
 
         class Container:
             def __init__(self, kwargs):
@@ -274,7 +219,7 @@ class _FakeDocker:
                 return Container(kwargs)
 
         self.client = type("Client", (), {"volumes": Volumes(), "images": Images(), "containers": Containers(),
-                                          "info": lambda s: {"Runtimes": {}}, "ping": lambda s: True})()  # fmt: skip
+                                          "info": lambda s: fake.info, "ping": lambda s: True})()  # fmt: skip
 
     def from_env(self):
         return self.client
@@ -412,8 +357,12 @@ PEM = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\nAbC+/=\n-----END CERTI
         ("DYMU_UID", "root", "DYMU_UID: 'root' is not a number; "),
         ("DYMU_UID", "0", "DYMU_UID: 0 is root and containers run as a non-root user; "),
         ("DYMU_GID", "-5", "DYMU_GID: '-5' is not a number; "),
-        ("DYMU_EXTRA_CA_CERT", "/etc/ssl/proxy.crt", "DYMU_EXTRA_CA_CERT: not PEM certificate text (it looks like a file path); "),
-        ("DYMU_EXTRA_CA_CERT", PEM + "junk", "DYMU_EXTRA_CA_CERT: not PEM certificate text; "),
+        ("DYMU_CA_CERT_FILE", PEM, "DYMU_CA_CERT_FILE: certificate text, not a file path; "),
+        ("DYMU_CA_CERT_FILE", "/nonexistent/proxy.crt", "DYMU_CA_CERT_FILE: /nonexistent/proxy.crt cannot be read (No such file or directory); "),
+        ("DYMU_CA_CERT_FILE", "/etc", "DYMU_CA_CERT_FILE: /etc is a directory; "),
+        ("DYMU_CA_CERT_FILE", str(ROOT / "pyproject.toml"), f"DYMU_CA_CERT_FILE: {ROOT / 'pyproject.toml'} holds no PEM certificate"),
+        ("DYMU_EXTRA_CA_CERT", PEM, "DYMU_EXTRA_CA_CERT: no longer read; give the CA as a file: DYMU_CA_CERT_FILE="),
+        ("DYMU_DOCKER_CA_CERT", PEM, "DYMU_DOCKER_CA_CERT: no longer read; give the CA as a file: DYMU_CA_CERT_FILE="),
         ("DYMU_DOCKER_BASE", "Debian Bookworm", "DYMU_DOCKER_BASE: 'Debian Bookworm' is not an image reference; "),
         ("DYMU_DOCKER_BASE", "debian@sha256:12", "DYMU_DOCKER_BASE: 'debian@sha256:12' is not an image reference; "),
         ("DYMU_MODEL_DIR", "/nonexistent/ckpt", "DYMU_MODEL_DIR: /nonexistent/ckpt is not a directory; "),
@@ -443,7 +392,9 @@ def test_bad_docker_settings_are_one_line_errors(name, value, first_line) -> Non
 def test_good_docker_settings_pass_and_the_matrix_refuses_bad_ones(tmp_path, monkeypatch) -> None:
     from dymu.matrix import docker_env, orchestrate
 
-    good = {"DYMU_UID": "1001", "DYMU_GID": "1001", "DYMU_EXTRA_CA_CERT": PEM + PEM, "DYMU_CACHE": "/c",
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_text("# a bundle's comment line\n" + PEM + PEM)
+    good = {"DYMU_UID": "1001", "DYMU_GID": "1001", "DYMU_CA_CERT_FILE": str(bundle), "DYMU_CACHE": "/c",
             "DYMU_DOCKER_BASE": "localhost:5000/team/debian-local:bookworm@sha256:" + "0" * 64,
             "DYMU_MODEL_DIR": str(tmp_path), "DYMU_BENCH_BATCH": "8", "OTHER": "ignored"}  # fmt: skip
     assert set(docker_env.check(good)) == set(good) - {"OTHER"}
@@ -468,3 +419,295 @@ def test_compose_and_the_dockerfile_run_as_a_non_root_user() -> None:
     for stage in re.split(r"^FROM ", text, flags=re.M)[1:]:  # each stage ends as uid 1000, not root
         users = re.findall(r"^USER (\S+)$", stage, re.M)
         assert users and users[-1] == "1000:1000", stage.splitlines()[0]
+
+
+def _no_host_gpu(monkeypatch, tmp_path) -> None:
+    """This host as one without the NVIDIA hook or CDI specs, whatever the machine running the test has."""
+    from dymu.matrix import gpu_host
+
+    monkeypatch.setattr(gpu_host.shutil, "which", lambda name: None)
+    monkeypatch.setattr(gpu_host, "CDI_DIRS", (str(tmp_path / "no-cdi"),))
+
+
+def test_the_ca_file_goes_into_the_build_context_whole_never_into_a_build_argument(tmp_path, fake_docker,
+                                                                                   monkeypatch) -> None:  # fmt: skip
+    """A bundle over 128 KiB (the cap on one build argument / env variable, where the old
+    EXTRA_CA_CERT argument failed) reaches the build as docker/ca/extra-ca.pem, byte for byte; the
+    failed-build containers are removed (forcerm); another CA gives another image tag."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_text(PEM * 3000)
+    assert bundle.stat().st_size > 128 * 1024
+    root = _repo(tmp_path)
+    for part in backends.BUILD_FILES:
+        (root / part).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / part, root / part)
+    fake_docker.images_present = False
+    backend = backends.DockerBackend(root, base="debian-local:bookworm")
+    monkeypatch.setenv("DYMU_CA_CERT_FILE", str(bundle))
+    with (tmp_path / "b.log").open("w") as log:
+        with_ca = backend.image(CELLS["cells"]["latest"], log)
+    monkeypatch.delenv("DYMU_CA_CERT_FILE")
+    with (tmp_path / "b.log").open("w") as log:
+        without = backend.image(CELLS["cells"]["latest"], log)
+    first, second = fake_docker.builds
+    assert (
+        first["files"]["docker/ca/extra-ca.pem"] == bundle.read_bytes()
+        and second["files"]["docker/ca/extra-ca.pem"] == b""
+    )
+    assert first["files"]["docker/Dockerfile"] == (ROOT / "docker" / "Dockerfile").read_bytes()
+    assert first["dockerfile"] == "docker/Dockerfile" and first["target"] == "cell"
+    assert first["forcerm"] is True and first["rm"] is True
+    assert set(first["buildargs"]) == {"BASE_IMAGE", "PYTHON"}
+    assert all(len(v) < 1024 for v in first["buildargs"].values())
+    assert with_ca != without and with_ca.startswith(without + "-ca") and "-ca" not in without.split(":")[1]
+    assert not pathlib.Path(first["path"]).exists(), "the temporary build context is removed"
+
+
+def test_dockerfile_and_compose_take_the_ca_as_a_file() -> None:
+    yaml = pytest.importorskip("yaml")
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "EXTRA_CA_CERT" not in text and "ARG CA" not in text
+    stages = {s.split()[2]: s for s in re.split(r"^FROM ", text, flags=re.M)[1:]}
+    assert "COPY docker/ca/ " in stages["cell"] and "setup.sh" in stages["cell"]
+    assert "--mount=type=secret,id=dymu_ca" in stages["bench"] and "/run/secrets/dymu_ca" in stages["bench"]
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    assert compose["secrets"] == {"dymu_ca": {"file": "${DYMU_CA_CERT_FILE:-/dev/null}"}}
+    for service in compose["services"].values():
+        assert service["build"]["secrets"] == ["dymu_ca"]
+        assert not any("CA" in name for name in service["build"]["args"])
+
+
+def test_bench_and_bench_cpu_are_different_images_and_reports_are_never_created_by_the_engine() -> None:
+    yaml = pytest.importorskip("yaml")
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    assert services["bench"]["image"] != services["bench-cpu"]["image"]
+    for service in services.values():
+        [reports] = [v for v in service["volumes"] if isinstance(v, dict) and v["target"] == "/reports"]
+        assert reports["source"] == "./reports/compose" and reports["bind"]["create_host_path"] is False
+
+
+def test_a_ca_file_with_a_private_key_is_refused(tmp_path) -> None:
+    from dymu.errors import DymuError
+    from dymu.matrix import docker_env
+
+    key = tmp_path / "proxy.pem"
+    key.write_text(PEM + "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(DymuError, match=r"holds a private key; give only the CA certificate"):
+        docker_env.check({"DYMU_CA_CERT_FILE": str(key)})
+
+
+def test_the_repositorys_docker_folder_is_not_taken_for_the_sdk(monkeypatch, tmp_path) -> None:
+    """From the repository root without the SDK, `import docker` finds the repo's docker/ folder
+    (a namespace package without from_env): the backend and the real-engine gate must read that
+    as 'no SDK' (it was an AttributeError at collection)."""
+    import importlib
+    import sys
+
+    monkeypatch.delitem(sys.modules, "docker", raising=False)
+    no_sdk = [p for p in sys.path if not (pathlib.Path(p or ".") / "docker" / "__init__.py").is_file()]
+    monkeypatch.setattr(sys, "path", [str(ROOT), *no_sdk])
+    importlib.invalidate_caches()
+    with pytest.raises(ImportError, match=r"found .*docker, not the Docker SDK"):
+        backends.docker_sdk()
+    assert sys.modules["docker"].__file__ is None  # it really was the folder
+    reason = backends.DockerBackend(tmp_path).unavailable()
+    assert reason.startswith("the docker backend needs the Docker SDK next to nox")
+    monkeypatch.delitem(sys.modules, "docker")
+
+
+def test_the_sdk_and_urllib3_do_not_log_debug_lines(fake_docker, tmp_path, monkeypatch) -> None:
+    import logging
+
+    for name in ("docker", "urllib3"):  # as nox leaves them: everything reaches its DEBUG root handler
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
+    monkeypatch.setattr(logging.getLogger(), "level", logging.DEBUG)
+    assert logging.getLogger("urllib3.connectionpool").isEnabledFor(logging.DEBUG)
+    backends.DockerBackend(tmp_path)._client()
+    for name in ("urllib3.connectionpool", "docker.api.build", "docker.utils.config"):
+        assert not logging.getLogger(name).isEnabledFor(logging.DEBUG)
+        assert logging.getLogger(name).isEnabledFor(logging.WARNING)
+
+
+def test_a_cell_expecting_a_gpu_on_an_engine_without_one_is_refused_as_gpu_missing(tmp_path, fake_docker,
+                                                                                   monkeypatch) -> None:  # fmt: skip
+    _no_host_gpu(monkeypatch, tmp_path)
+    cell = {**CELLS["cells"]["latest"], "expect_gpu": True}
+    run = backends.DockerBackend(_repo(tmp_path)).run_cell("latest", cell, tmp_path / "g.log", 60)
+    assert run.refused[0] == "gpu-missing" and "engine offers none" in run.refused[1]
+    assert fake_docker.runs == [] and fake_docker.builds == []  # nothing built, nothing started
+    assert outcome.classify(None, "", False, refused=run.refused) == run.refused
+    # the same cell without the expectation runs on the CPU, and says so in its log
+    run = backends.DockerBackend(_repo(tmp_path / "x")).run_cell("latest", CELLS["cells"]["latest"],
+                                                                tmp_path / "c.log", 60)  # fmt: skip
+    assert run.refused is None and fake_docker.runs[-1]["device_requests"] == []
+    assert "GPUs: none (the engine has no nvidia runtime" in (tmp_path / "c.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("info", "hook", "cdi", "driver", "device"),
+    [
+        ({"Runtimes": {"nvidia": {}}}, None, None, "nvidia", {"count": -1, "capabilities": [["gpu"]]}),
+        ({"Runtimes": {"runc": {}}}, "nvidia-container-runtime-hook", None, "nvidia", {"count": -1, "capabilities": [["gpu"]]}),
+        ({"Runtimes": {"runc": {}}}, None, "cdiVersion: 0.5.0\nkind: nvidia.com/gpu\ndevices: []\n", "cdi", {"device_ids": ["nvidia.com/gpu=all"]}),
+    ],
+    ids=["runtime", "hook", "cdi"],
+)  # fmt: skip
+def test_gpus_go_in_through_whichever_mechanism_the_engine_has(tmp_path, fake_docker, monkeypatch, info, hook,
+                                                               cdi, driver, device) -> None:  # fmt: skip
+    from dymu.matrix import gpu_host
+
+    monkeypatch.setattr(gpu_host.shutil, "which", lambda name: f"/usr/bin/{name}" if name == hook else None)
+    specs = tmp_path / "cdi"
+    specs.mkdir()
+    (specs / "other.yaml").write_text("cdiVersion: 0.5.0\nkind: vendor.com/fpga\n")
+    if cdi:
+        (specs / "nvidia.yaml").write_text(cdi)
+    monkeypatch.setattr(gpu_host, "CDI_DIRS", (str(specs),))
+    monkeypatch.setattr(gpu_host, "host_driver", lambda: "580.82.07")
+    fake_docker.info = info
+    cell = {**CELLS["cells"]["latest"], "expect_gpu": True}
+    run = backends.DockerBackend(_repo(tmp_path)).run_cell("latest", cell, tmp_path / "g.log", 60)
+    assert run.refused is None
+    [request] = fake_docker.runs[-1]["device_requests"]
+    assert request.kwargs == {"driver": driver, **device}
+    assert fake_docker.runs[-1]["command"][2].rstrip().endswith("--expect-gpu")
+
+
+def test_an_old_driver_refuses_a_cuda_13_cell_before_the_build(tmp_path, fake_docker, monkeypatch) -> None:
+    from dymu.matrix import gpu_host
+
+    fake_docker.info = {"Runtimes": {"nvidia": {}}}
+    monkeypatch.setattr(gpu_host, "host_driver", lambda: "575.57.08")
+    run = backends.DockerBackend(_repo(tmp_path)).run_cell(
+        "latest", CELLS["cells"]["latest"], tmp_path / "d.log", 60
+    )
+    assert run.refused[0] == "driver-too-old" and fake_docker.runs == [] and fake_docker.builds == []
+    assert "575.57.08 is older than CUDA 13.0" in run.refused[1] and ">= 580.65.06" in run.refused[1]
+    # the reference cell's CUDA 12.1 base runs on that driver
+    run = backends.DockerBackend(_repo(tmp_path / "r")).run_cell("reference", CELLS["cells"]["reference"],
+                                                                tmp_path / "r.log", 60)  # fmt: skip
+    assert run.refused is None and len(fake_docker.runs) == 1
+
+
+def test_driver_floors_follow_nvidias_table() -> None:
+    from dymu.errors import DymuError
+    from dymu.matrix import gpu_host
+
+    assert gpu_host.cuda_of_image("nvidia/cuda:13.0.0-base-ubuntu22.04") == (13, 0)
+    assert gpu_host.cuda_of_image(
+        "registry.local:5000/nvidia/cuda:12.4.1-base-ubuntu22.04@sha256:" + "0" * 64
+    ) == (12, 4)
+    assert gpu_host.cuda_of_image("debian:bookworm") is None and gpu_host.cuda_of_image("mycuda:13.0") is None
+    assert gpu_host.driver_problem("debian:bookworm", "390.1") is None
+    assert gpu_host.driver_problem("nvidia/cuda:12.4.1-base-ubuntu22.04", "550.54.14") is None
+    assert "older than CUDA 12.4" in gpu_host.driver_problem(
+        "nvidia/cuda:12.4.1-base-ubuntu22.04", "545.29.06"
+    )
+    assert gpu_host.driver_problem("nvidia/cuda:13.0.0-base-ubuntu22.04", "580.65.06") is None
+    assert gpu_host.driver_problem("nvidia/cuda:13.0.0-base-ubuntu22.04", "1000.1") is None
+    assert gpu_host.driver_problem("nvidia/cuda:13.0.0-base-ubuntu22.04", None) is None  # unknown: not judged
+    assert gpu_host.required_driver((12, 10)) == ("575.51.03", False)  # not in the table: a lower bound
+    with pytest.raises(DymuError, match=r"CUDA 14\.0: not in the driver table"):
+        gpu_host.required_driver((14, 0))
+    every_base = {c["image"] for c in CELLS["cells"].values()}  # each base the matrix uses has an exact floor
+    for image in every_base:
+        assert gpu_host.required_driver(gpu_host.cuda_of_image(image))[1] is True, image
+
+
+def test_the_host_driver_comes_from_nvidia_smi_or_the_kernel_module(tmp_path) -> None:
+    import subprocess
+    import types
+
+    from dymu.matrix import gpu_host
+
+    proc = tmp_path / "version"
+    proc.write_text(
+        "NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.133.20  Fri Mar 14 2025\nGCC version: 12\n"
+    )
+    smi = lambda *a, **k: types.SimpleNamespace(returncode=0, stdout="580.82.07\n580.82.07\n")  # noqa: E731
+    assert gpu_host.host_driver(smi, proc) == "580.82.07"
+
+    def missing(*a, **k):
+        raise FileNotFoundError("nvidia-smi")
+
+    assert gpu_host.host_driver(missing, proc) == "570.133.20"
+    failing = lambda *a, **k: types.SimpleNamespace(returncode=9, stdout="NVIDIA-SMI has failed")  # noqa: E731
+    assert gpu_host.host_driver(failing, tmp_path / "absent") is None
+
+    def hung(*a, **k):
+        raise subprocess.TimeoutExpired("nvidia-smi", 60)
+
+    assert gpu_host.host_driver(hung, proc) == "570.133.20"
+
+
+def test_the_gpu_host_check_is_one_line(monkeypatch, capsys) -> None:
+    import subprocess
+    import sys
+
+    from dymu.errors import DymuError
+    from dymu.matrix import gpu_host
+
+    monkeypatch.setattr(gpu_host, "host_driver", lambda: "535.261.03")
+    with pytest.raises(
+        DymuError, match=r"^the host's NVIDIA driver 535.261.03 is older than CUDA 13.0 .*>= 580.65.06"
+    ):
+        gpu_host.main(["--cell", "latest"])
+    assert gpu_host.main(["--cell", "reference"]) == 0 and "runs CUDA 12.1" in capsys.readouterr().out
+    monkeypatch.setattr(gpu_host, "host_driver", lambda: None)
+    with pytest.raises(DymuError, match=r"^NVIDIA driver: not found on this host"):
+        gpu_host.main([])
+    done = subprocess.run([sys.executable, "-m", "dymu.matrix.gpu_host", "--cell", "nope"], cwd=ROOT,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        f"dymu: error: --cell nope: no such cell; give one of {', '.join(CELLS['cells'])}"
+    ]
+    done = subprocess.run([sys.executable, "-m", "dymu.matrix.gpu_host", "--image", "debian:bookworm"], cwd=ROOT,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0 and "not a CUDA image" in done.stdout
+
+
+def test_a_refused_cell_is_recorded_with_its_class_and_expect_gpu_changes_the_digest(
+    tmp_path, monkeypatch
+) -> None:
+    from dymu.matrix import orchestrate
+
+    class Refusing:
+        name = "stub"
+        results = tmp_path / "cells"
+
+        def run_cell(self, name, cell, log_path, timeout):
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path.write_text("not started\n")
+            return backends.CellRun(None, False, refused=("gpu-missing", "the engine offers none"))
+
+    cell = {**CELLS["cells"]["reference"], "expect_gpu": True}
+    result = orchestrate.run_one(Refusing(), "reference", cell, 60, known=[])
+    assert (
+        outcome.outcome(result) == "gpu-missing"
+        and result["failure"]["signature"] == "the engine offers none"
+    )
+    assert result["as_expected"] is False and result["runner_started"] is False
+    assert orchestrate.cell_digest(cell) != orchestrate.cell_digest(CELLS["cells"]["reference"])
+    assert cells.runner_args("reference", cell, "o.json", "docker")[-1] == "--expect-gpu"
+    seen = {}
+    monkeypatch.setattr(
+        orchestrate, "_run_members", lambda data, members, *a: seen.update(data["cells"]) or 0
+    )
+    monkeypatch.setattr(orchestrate.backends.LocalBackend, "unavailable", lambda self: None)
+    monkeypatch.setattr(orchestrate, "ROOT", tmp_path)
+    assert orchestrate.main(["--set", "quick", "--expect-gpu"], log=lambda s: None) == 0
+    assert [n for n, c in seen.items() if c.get("expect_gpu")] == CELLS["sets"]["quick"]
+
+
+def test_a_runner_that_expects_a_gpu_and_sees_none_fails_as_gpu_missing(tmp_path, monkeypatch) -> None:
+    torch = pytest.importorskip("torch")
+    from dymu.matrix import runner
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = runner.run("reference", tmp_path / "r.json", ROOT / "tests" / "golden" / "reference.json",
+                        expect_gpu=True)  # fmt: skip
+    assert result["status"] == "fail" and result["failed_stages"] == ["gpu"]
+    assert set(result["stages"]) == {"import", "gpu"}  # nothing ran on the CPU
+    assert result["failure"]["class"] == "gpu-missing" and outcome.outcome(result) == "gpu-missing"
+    assert "torch.cuda.is_available() is False in a cell that expects a GPU" in result["failure"]["signature"]
+    assert json.loads((tmp_path / "r.json").read_text())["failure"]["class"] == "gpu-missing"

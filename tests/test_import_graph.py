@@ -25,10 +25,11 @@ FLOORS = {  # module (or package prefix) -> floor, from the ground up
 # top-level packages a function may import: optional dependencies that are absent in some cells
 OPTIONAL = {"llava", "triton", "docker", "requests", "skimage", "matplotlib", "pycocoevalcap", "jsonschema"}
 # DYMU_CACHE: the tiny model's cache; the rest: the Docker backend's and compose's settings, checked
-# by dymu/matrix/docker_env.py (DYMU_DOCKER_GPUS is retired: named only to refuse it with the fix)
-ENV_VARS = {"DYMU_CACHE", "DYMU_EXTRA_CA_CERT", "DYMU_UID", "DYMU_GID", "DYMU_DOCKER_BASE", "DYMU_MODEL_DIR",
+# by dymu/matrix/docker_env.py (DYMU_DOCKER_GPUS, DYMU_EXTRA_CA_CERT and DYMU_DOCKER_CA_CERT are retired:
+# named only to refuse them with the fix)
+ENV_VARS = {"DYMU_CACHE", "DYMU_CA_CERT_FILE", "DYMU_UID", "DYMU_GID", "DYMU_DOCKER_BASE", "DYMU_MODEL_DIR",
             "DYMU_DATA_DIR", "DYMU_BENCH_MODEL", "DYMU_BENCH_DATA", "DYMU_BENCH_NEW_TOKENS", "DYMU_BENCH_BATCH",
-            "DYMU_DOCKER_GPUS"}  # fmt: skip
+            "DYMU_DOCKER_GPUS", "DYMU_EXTRA_CA_CERT", "DYMU_DOCKER_CA_CERT"}  # fmt: skip
 GRAPH = build()
 
 

@@ -6,15 +6,18 @@ failure classes, the report) is the same whichever backend ran the cell.
 Every running cell is registered in `LIVE`, so an interrupt of the matrix loop (Ctrl-C, SIGTERM)
 can kill them all from the main thread, whichever worker thread waits on them.
 
-Standard library only (the Docker SDK is imported where the Docker backend needs it).
-The Docker backend's base image and GPUs are matrix options (`--docker-base`, `--docker-gpus`);
-its environment variables (DYMU_EXTRA_CA_CERT, DYMU_UID, DYMU_GID) are checked by docker_env.py.
+Standard library only (the Docker SDK is imported where the Docker backend needs it, through
+`docker_sdk()`). The Docker backend's base image and GPUs are matrix options (`--docker-base`,
+`--docker-gpus`); its environment variables (DYMU_CA_CERT_FILE, DYMU_UID, DYMU_GID) are checked by
+docker_env.py; the GPU mechanism and the driver floor come from gpu_host.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
+import logging
 import os
 import re
 import shlex
@@ -29,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import docker_env
+from ..errors import DymuError
+from . import docker_env, gpu_host
 from .cells import image_ref, requirements, runner_args
 
 
@@ -41,6 +45,7 @@ class CellRun:
     timed_out: bool
     oom_killed: bool = False  # the kernel's (or the container's) evidence, not a guess from the log
     interrupted: bool = False  # killed because the matrix run was interrupted, not by its own doing
+    refused: tuple[str, str] | None = None  # (class, signature): the backend would not start this cell
 
 
 class LiveCells:
@@ -181,8 +186,28 @@ class LocalBackend:
 
     def run_cell(self, name: str, cell: dict[str, Any], log_path: Path, timeout: float) -> CellRun:
         out = runner_file(self.results, name)
-        return run_logged([sys.executable, "-m", "nox", "-s", f"cell({name})", "--", "--out", str(out)], log_path,
-                          timeout, self.root)  # fmt: skip
+        gpu = ["--expect-gpu"] if cell.get("expect_gpu") else []
+        return run_logged([sys.executable, "-m", "nox", "-s", f"cell({name})", "--", "--out", str(out), *gpu],
+                          log_path, timeout, self.root)  # fmt: skip
+
+
+def docker_sdk() -> Any:
+    """The Docker SDK module. ImportError when it is missing, and also when `import docker` finds a
+    folder named docker/ instead (this repository has one: run from its root without the SDK
+    installed, Python imports that folder as an empty namespace package, with no `from_env`)."""
+    import docker  # noqa: PLC0415 - the Docker SDK: only the Docker backend needs it
+
+    if not callable(getattr(docker, "from_env", None)):
+        where = ", ".join(getattr(docker, "__path__", [])) or str(getattr(docker, "__file__", "?"))
+        raise ImportError(f"`import docker` found {where}, not the Docker SDK")
+    return docker
+
+
+def quiet_sdk_logs() -> None:
+    """The SDK and urllib3 log every request at DEBUG (whole build URLs); nox's root logger prints
+    DEBUG, so without this the matrix output is the engine's traffic. Warnings still show."""
+    for name in ("docker", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 # What the runner needs from the checkout (the library, the patch data, the golden outputs and the
@@ -208,6 +233,26 @@ def container_script(name: str, cell: dict[str, Any]) -> str:
         "python -m dymu.matrix.runner " + shlex.join(runner_args(name, cell, f"/out/{name}.runner.json", "docker")),
     ]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+BUILD_FILES = ("docker/Dockerfile", "docker/setup.sh")  # what the `cell` target reads from its context
+
+
+def ca_digest(ca_file: str | None) -> str:
+    """A short digest of the CA file's content ("" for none): part of the image tag, so an image
+    built with another CA (or none) is never reused."""
+    return hashlib.sha256(Path(ca_file).read_bytes()).hexdigest()[:12] if ca_file else ""
+
+
+def build_context(root: Path, into: Path, ca_file: str | None) -> None:
+    """The `cell` image's build context in `into`, laid out like the repository (compose builds the
+    same Dockerfile from the repository itself): the Dockerfile, setup.sh and docker/ca/extra-ca.pem,
+    a copy of the CA file (empty without one)."""
+    for part in BUILD_FILES:
+        (into / part).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / part, into / part)
+    (into / "docker" / "ca").mkdir()
+    (into / "docker" / "ca" / "extra-ca.pem").write_bytes(Path(ca_file).read_bytes() if ca_file else b"")
 
 
 def container_user(environ: dict[str, str] | None = None) -> tuple[int, int]:
@@ -237,9 +282,11 @@ class DockerBackend:
     """A container per cell, through the Docker SDK. The image is the cell's CUDA base image
     (envs/cells.toml `[images]`, `tag@digest` where the digest is recorded; `base` replaces it, e.g.
     with a local image where no registry can be reached) plus Python and uv (the `cell` target of
-    docker/Dockerfile), built once per base and Python (DYMU_EXTRA_CA_CERT: PEM text of extra CAs to
-    trust, for a TLS-inspecting proxy). GPUs are passed through when the engine has the NVIDIA
-    runtime (`gpus` = all|none overrides).
+    docker/Dockerfile), built once per base, Python and CA (DYMU_CA_CERT_FILE: a PEM file of extra
+    CAs to trust, for a TLS-inspecting proxy). GPUs are passed through by whatever the engine has:
+    the nvidia runtime, the NVIDIA hook or CDI (gpu_host.gpu_request; `gpus` = all|none overrides);
+    a cell that expects a GPU is not started without one (`gpu-missing`), nor a CUDA base on an older
+    driver than it needs (`driver-too-old`).
 
     What a container gets, and why:
     - sources: only SOURCES, each bind-mounted read-only (no .git/config, no other cells' results);
@@ -272,15 +319,16 @@ class DockerBackend:
         return self.root / "reports" / "docker" / "cells"
 
     def _client(self):
-        import docker  # noqa: PLC0415 - the Docker SDK: only this backend needs it
-
-        return docker.from_env()
+        quiet_sdk_logs()
+        return docker_sdk().from_env()
 
     def unavailable(self) -> str | None:
         try:
-            import docker  # noqa: F401, PLC0415
-        except ImportError:
-            return "the docker backend needs the Docker SDK next to nox: python -m pip install docker"
+            docker_sdk()
+        except ImportError as err:
+            return (
+                f"the docker backend needs the Docker SDK next to nox ({err}): python -m pip install docker"
+            )
         try:
             self._client().ping()
         except Exception as err:
@@ -291,35 +339,75 @@ class DockerBackend:
         return self.base or image_ref(cell)
 
     def image(self, cell: dict[str, Any], log) -> str:
-        """dymu-cell:<base>-py<python>, built from docker/Dockerfile (target `cell`) when missing."""
-        import docker  # noqa: PLC0415 - optional dependency
-
+        """dymu-cell:<base>-py<python>[-ca<digest>], built from docker/Dockerfile (target `cell`) when
+        missing. DYMU_CA_CERT_FILE (a PEM file: one proxy CA or a whole system bundle) goes into the
+        build context as a file, never a build argument (one env variable, capped at 128 KiB)."""
+        docker = docker_sdk()
         base = self.base_image(cell)
-        tag = "dymu-cell:" + re.sub(r"[^A-Za-z0-9_.-]+", "-", base)[:100] + f"-py{cell['python']}"
+        ca_file = docker_env.check(os.environ).get("DYMU_CA_CERT_FILE")
         client = self._client()
+        ca = ca_digest(ca_file)
+        tag = ("dymu-cell:" + re.sub(r"[^A-Za-z0-9_.-]+", "-", base)[:90] + f"-py{cell['python']}"
+               + (f"-ca{ca}" if ca else ""))  # fmt: skip
         try:
             client.images.get(tag)
             return tag
         except docker.errors.ImageNotFound:
             pass
-        log.write(f"building {tag} from {base}\n")
-        args = {"BASE_IMAGE": base, "PYTHON": cell["python"]}
-        ca = docker_env.check(os.environ).get("DYMU_EXTRA_CA_CERT")
-        if ca:  # trust a TLS-inspecting proxy's CA inside the image (public certificates, not secrets)
-            args["EXTRA_CA_CERT"] = ca
-        try:  # the build's network is the engine's default (bridge), as for the containers
-            _, output = client.images.build(path=str(self.root / "docker"), dockerfile="Dockerfile", target="cell",
-                                            tag=tag, buildargs=args, rm=True)  # fmt: skip
-        except docker.errors.BuildError as err:
-            log.writelines(chunk.get("stream", "") for chunk in err.build_log)
-            raise
+        with tempfile.TemporaryDirectory(prefix="dymu-build-") as context:
+            build_context(self.root, Path(context), ca_file)
+            log.write(
+                f"building {tag} from {base}" + (f" (trusting the CAs in {ca_file})" if ca else "") + "\n"
+            )
+            try:  # the build's network is the engine's default (bridge), as for the containers; forcerm:
+                # a failed step's container is removed too (rm alone keeps it, stopped, for debugging)
+                _, output = client.images.build(path=context, dockerfile="docker/Dockerfile", target="cell",
+                                                tag=tag, buildargs={"BASE_IMAGE": base, "PYTHON": cell["python"]},
+                                                rm=True, forcerm=True, labels={"dymu.ca": ca or "none"})  # fmt: skip
+            except docker.errors.BuildError as err:
+                log.writelines(chunk.get("stream", "") for chunk in err.build_log)
+                raise
         log.writelines(chunk.get("stream", "") for chunk in output)
         return tag
 
-    def gpus(self) -> bool:
-        if self.gpus_choice != "auto":
-            return self.gpus_choice == "all"
-        return "nvidia" in (self._client().info().get("Runtimes") or {})
+    def gpu_request(self) -> tuple[str, dict[str, Any]] | None:
+        """(mechanism, DeviceRequest keywords) that give a container every GPU, None for none: the
+        engine's own mechanism (gpu_host.gpu_request) on `auto`; `all` uses it too, else asks for
+        the nvidia driver (the engine then says why it cannot); `none` passes none."""
+        if self.gpus_choice == "none":
+            return None
+        found = gpu_host.gpu_request(self._client().info())
+        if found or self.gpus_choice == "auto":
+            return found
+        return "--docker-gpus all", {"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}
+
+    def gpu_refusal(
+        self, cell: dict[str, Any], request: tuple[str, dict[str, Any]] | None, log
+    ) -> tuple[str, str] | None:
+        """(class, signature) when the cell must not start: it expects a GPU the engine cannot pass
+        (`gpu-missing`), or the host's driver is older than its CUDA base needs (`driver-too-old`,
+        which the NVIDIA runtime would only say after the build and the downloads)."""
+        if request is None:
+            log.write("GPUs: none (" + ("--docker-gpus none" if self.gpus_choice == "none" else
+                      "the engine has no nvidia runtime, no NVIDIA hook and no nvidia.com/gpu CDI device") + ")\n")  # fmt: skip
+            if cell.get("expect_gpu") and self.gpus_choice == "auto":
+                return "gpu-missing", ("the cell expects a GPU and the engine offers none (no nvidia runtime, "
+                                       "NVIDIA hook or nvidia.com/gpu CDI spec); install the NVIDIA Container "
+                                       "Toolkit or run without --expect-gpu")  # fmt: skip
+            return None
+        log.write(f"GPUs: all, through {request[0]}\n")
+        base = self.base_image(cell)
+        driver = gpu_host.host_driver()
+        if driver is None and gpu_host.cuda_of_image(base):
+            log.write(
+                "NVIDIA driver version unknown on this host (no nvidia-smi): not checked against the base\n"
+            )
+        try:
+            problem = gpu_host.driver_problem(base, driver)
+        except DymuError as err:  # a CUDA release the table does not know yet
+            log.write(f"NVIDIA driver not checked: {err}\n")
+            return None
+        return ("driver-too-old", problem) if problem else None
 
     def host_cache(self) -> Path:
         """The host's uv cache (shared with the local backend); containers never write to it."""
@@ -362,14 +450,18 @@ class DockerBackend:
         return {str(private): {"bind": CACHE_IN_CONTAINER, "mode": "rw"}}
 
     def run_cell(self, name: str, cell: dict[str, Any], log_path: Path, timeout: float) -> CellRun:
-        import docker  # noqa: PLC0415 - optional dependency
-
+        docker = docker_sdk()
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.results.mkdir(parents=True, exist_ok=True)
         uid, gid = container_user()
         run_dir = Path(tempfile.mkdtemp(prefix=f"dymu-{name}-"))
         try:
             with log_path.open("w") as log:
+                request = self.gpu_request()
+                refusal = self.gpu_refusal(cell, request, log)
+                if refusal:
+                    log.write(f"not started: {refusal[0]}: {refusal[1]}\n")
+                    return CellRun(None, False, refused=refusal)
                 try:
                     image = self.image(cell, log)
                 except (docker.errors.BuildError, docker.errors.APIError) as err:
@@ -378,9 +470,7 @@ class DockerBackend:
                 log.flush()
                 env = {"HOME": "/tmp", "UV_CACHE_DIR": CACHE_IN_CONTAINER, "UV_LINK_MODE": "copy",
                        "UV_PYTHON_DOWNLOADS": "never"}  # fmt: skip
-                devices = (
-                    [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if self.gpus() else []
-                )
+                devices = [docker.types.DeviceRequest(**request[1])] if request else []
                 volumes = self.mounts(run_dir, uid, gid, log)
                 run = self.run_container(image, container_script(name, cell), log, timeout, environment=env,
                                          volumes=volumes, device_requests=devices, labels={"dymu.cell": name},
@@ -401,7 +491,7 @@ class DockerBackend:
     def run_container(self, image: str, script: str, log, timeout: float, **options: Any) -> CellRun:
         """Run `script` under bash in a fresh container; its output goes to `log`. A timeout or an
         interrupt of the matrix kills it; an OOM kill is written to the log; it is removed."""
-        import requests  # noqa: PLC0415 - optional dependency
+        import requests  # noqa: PLC0415 - optional dependency (the Docker SDK's)
 
         if LIVE.stopping:
             return CellRun(None, False, interrupted=True)

@@ -22,9 +22,11 @@ CELLS_FILE = ROOT / "envs" / "cells.toml"
 KEYS: dict[str, type | tuple[type, ...]] = {
     "python": str, "torch": str, "transformers": str, "companions": list, "legacy": list, "why": str,
     "image": str, "base_digest": str, "expect": str, "disable_fixes": list, "self_kill": bool,
+    "expect_gpu": bool,  # the cell must see CUDA (`nox -s matrix -- --expect-gpu` sets it for a run)
 }  # fmt: skip
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-EXPECT = ("pass", "crash", "timeout", "oom", "install-failure", "stage-failure", "stage-failure/known")
+EXPECT = ("pass", "crash", "timeout", "oom", "install-failure", "stage-failure", "stage-failure/known",
+          "gpu-missing", "driver-too-old")  # fmt: skip
 
 
 def release(version: str) -> tuple[int, ...]:
@@ -157,6 +159,8 @@ def runner_args(name: str, cell: dict[str, Any], out: str, backend: str) -> list
         args += ["--disable-fixes", ",".join(cell["disable_fixes"])]
     if cell.get("self_kill"):
         args.append("--self-kill")
+    if cell.get("expect_gpu"):
+        args.append("--expect-gpu")
     return args
 
 

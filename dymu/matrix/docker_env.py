@@ -1,7 +1,7 @@
 """The DYMU_* environment variables of the Docker backend and compose.yaml, checked before use.
 
-compose substitutes whatever is set, and a misspelt name or a malformed value (a file
-path in DYMU_EXTRA_CA_CERT, DYMU_UID=root) would surface minutes later inside a build or a
+compose substitutes whatever is set, and a misspelt name or a malformed value (certificate text
+in DYMU_CA_CERT_FILE, DYMU_UID=root) would surface minutes later inside a build or a
 container, if at all. The Docker backend checks them when it starts; for compose, run
 `python -m dymu.matrix.docker_env` first (the GPU workflow does). Every DYMU_* name must be one of
 NAMES: the project reads no other, so an unknown one is a mistake. Standard library only.
@@ -24,7 +24,11 @@ IMAGE_REF = re.compile(
     r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$"  # [:tag][@digest]
 )
 _PEM = re.compile(r"-----BEGIN CERTIFICATE-----\s*([A-Za-z0-9+/=\s]+?)-----END CERTIFICATE-----")
-RETIRED = {"DYMU_DOCKER_GPUS": "use nox -s matrix -- --docker-gpus auto|all|none"}
+RETIRED = {
+    "DYMU_DOCKER_GPUS": "use nox -s matrix -- --docker-gpus auto|all|none",
+    "DYMU_EXTRA_CA_CERT": "give the CA as a file: DYMU_CA_CERT_FILE=/path/to/ca.pem",  # PEM text (128 KiB cap)
+    "DYMU_DOCKER_CA_CERT": "give the CA as a file: DYMU_CA_CERT_FILE=/path/to/ca.pem",
+}
 
 
 def check_image_ref(thing: str, value: str) -> str:
@@ -43,13 +47,28 @@ def check_digest(thing: str, value: str) -> str:
     return value
 
 
-def _pem(thing: str, value: str) -> str:
-    blocks = _PEM.findall(value)
-    rest = _PEM.sub("", value).strip()
-    if not blocks or rest:
-        hint = " (it looks like a file path)" if "\n" not in value.strip() and "/" in value else ""
-        raise DymuError(f"{thing}: not PEM certificate text{hint}; set the certificates themselves, "
-                        f'e.g. {thing}="$(cat proxy-ca.crt)"')  # fmt: skip
+def _ca_file(thing: str, value: str) -> str:
+    """A readable file of PEM certificates (one proxy CA or a whole system bundle, e.g.
+    /etc/ssl/certs/ca-certificates.crt): passed as a file, since a bundle is larger than the
+    128 KiB one build argument or environment variable may hold."""
+    if "-----BEGIN" in value:
+        raise DymuError(f"{thing}: certificate text, not a file path; save it to a file and give its path, "
+                        f"e.g. {thing}=/etc/ssl/certs/ca-certificates.crt")  # fmt: skip
+    path = Path(value)
+    try:
+        text = path.read_text(errors="replace")
+    except IsADirectoryError:
+        raise DymuError(
+            f"{thing}: {value} is a directory; give one PEM file (a bundle of several CAs is fine)"
+        ) from None
+    except OSError as err:
+        raise DymuError(f"{thing}: {value} cannot be read ({err.strerror}); give the path of a PEM file "
+                        "(README, Docker: how to find your proxy's CA)") from None  # fmt: skip
+    if "PRIVATE KEY-----" in text:
+        raise DymuError(f"{thing}: {value} holds a private key; give only the CA certificate(s), never a key")
+    if not _PEM.search(text):
+        raise DymuError(f"{thing}: {value} holds no PEM certificate (-----BEGIN CERTIFICATE-----); "
+                        "convert a DER file with `openssl x509 -inform der -in ca.der -out ca.pem`")  # fmt: skip
     return value
 
 
@@ -86,7 +105,7 @@ def _nonempty(thing: str, value: str) -> str:
 # name -> its check; every name is documented in README.md (tests/test_import_graph.py checks)
 NAMES: dict[str, Callable[[str, str], str]] = {
     "DYMU_CACHE": _nonempty,  # where the tiny model is built (dymu.testing.tiny)
-    "DYMU_EXTRA_CA_CERT": _pem,  # extra CAs the images trust (backend and compose builds)
+    "DYMU_CA_CERT_FILE": _ca_file,  # a PEM file of CAs the images trust (backend and compose builds)
     "DYMU_UID": _id,  # the user containers run as (backend and compose)
     "DYMU_GID": _id,
     "DYMU_DOCKER_BASE": check_image_ref,  # compose's base image; the Docker tests' local base

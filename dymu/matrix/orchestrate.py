@@ -57,7 +57,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--docker-base", default=None, help="docker backend: one base image for every cell (e.g. a "
                    "local one where no registry is reachable) instead of the CUDA image cells.toml names")  # fmt: skip
     p.add_argument("--docker-gpus", choices=["auto", "all", "none"], default="auto",
-                   help="docker backend: pass the GPUs through (auto: when the engine has the NVIDIA runtime)")  # fmt: skip
+                   help="docker backend: pass the GPUs through (auto: when the engine has the nvidia runtime, "
+                   "the NVIDIA hook or a CDI spec for nvidia.com/gpu)")  # fmt: skip
+    p.add_argument("--expect-gpu", action="store_true",
+                   help="every selected cell must run on a GPU: one that sees no CUDA fails as gpu-missing "
+                   "(the GPU workflow sets it)")  # fmt: skip
     return p
 
 
@@ -113,8 +117,8 @@ def run_one(backend: backends.Backend, name: str, cell: dict[str, Any], timeout:
     if (result is None or result.get("status") == "running" or run.timed_out or run.interrupted
             or run.returncode not in (0, 1)):  # fmt: skip
         failure_class, signature = outcome.classify(run.returncode, text, run.timed_out, run.oom_killed,
-                                                    runner_started=started_runner,
-                                                    interrupted=run.interrupted)  # fmt: skip
+                                                    runner_started=started_runner, interrupted=run.interrupted,
+                                                    refused=run.refused)  # fmt: skip
         result = result or {"schema": 1, "cell": name, "stages": {},
                             "versions": {"torch": cell["torch"], "transformers": cell["transformers"]}}  # fmt: skip
         result.update(status="fail", failure={
@@ -180,6 +184,9 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> i
     if args.list:
         print(json.dumps(members) if args.json else "\n".join(members))
         return 0
+    if args.expect_gpu:  # part of each selected cell for this run, and of its digest: a CPU pass is not fresh
+        data["cells"] = {n: {**c, "expect_gpu": n in members or c.get("expect_gpu", False)}
+                         for n, c in data["cells"].items()}  # fmt: skip
     if args.jobs < 1:
         log("matrix: error: --jobs must be at least 1")
         return 2

@@ -22,16 +22,20 @@ def outcome(result: dict) -> str:
 
 
 def classify(returncode: int | None, log: str, timed_out: bool, oom_killed: bool = False,
-             runner_started: bool = True, interrupted: bool = False) -> tuple[str, str]:  # fmt: skip
+             runner_started: bool = True, interrupted: bool = False,
+             refused: tuple[str, str] | None = None) -> tuple[str, str]:  # fmt: skip
     """(class, signature) of a cell that left no finished result, from how its process ended:
     interrupted (the matrix run was stopped and killed it; no cell can expect this), timeout
-    (killed at the limit), oom (the kernel's or container's OOM kill, or an out-of-memory
+    (killed at the limit), the backend's own refusal (gpu-missing, driver-too-old: `refused`, see
+    backends.CellRun), oom (the kernel's or container's OOM kill, or an out-of-memory
     error the process reported), install-failure (the runner never started: the environment could
     not be built), else crash (a signal, or an exception in the runner)."""
     tail = [line for line in log.strip().splitlines() if line.strip()][-40:]
     last = tail[-1].strip() if tail else ""
     if interrupted:
         return "interrupted", "the matrix run was interrupted and killed this cell"
+    if refused:
+        return refused
     if timed_out:
         return "timeout", last
     memory = [

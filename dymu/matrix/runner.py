@@ -9,7 +9,9 @@ JSON is rewritten atomically after every stage, so a crash or timeout leaves the
 that finished.
 
 Run: `python -m dymu.matrix.runner --cell latest --out reports/cells/latest.json` (the matrix passes
-the cell's fault keys from envs/cells.toml as `--disable-fixes a,b` and `--self-kill`).
+the cell's fault keys from envs/cells.toml as `--disable-fixes a,b` and `--self-kill`, and
+`--expect-gpu` for a cell that must run on a GPU: without CUDA it fails at once as `gpu-missing`
+instead of passing on the CPU).
 
 Standard library (+ the patch data) here; the heavy stages live in `stages.py`, whose import is
 the import stage: a stack that cannot import torch or transformers still leaves a result saying so.
@@ -70,8 +72,18 @@ def failure_summary(stages: dict[str, Any], failed: list[str]) -> dict[str, Any]
             "stages": failed}  # fmt: skip
 
 
+def gpu_missing(torch: Any) -> str:
+    """What a cell that expects a GPU and sees none records: enough to tell a CPU-only torch wheel
+    from a container that was given no GPU."""
+    built = torch.version.cuda or "none (a CPU-only torch wheel)"
+    visible = os.environ.get("NVIDIA_VISIBLE_DEVICES", "unset")
+    return (f"torch.cuda.is_available() is False in a cell that expects a GPU (torch {torch.__version__}, "
+            f"CUDA build {built}, NVIDIA_VISIBLE_DEVICES={visible})")  # fmt: skip
+
+
 def run(cell: str, out: Path, golden: Path, bench: bool = True, full_size: bool = True, backend: str = "local",
-        disable_fixes: tuple[str, ...] = (), self_kill: bool = False) -> dict[str, Any]:  # fmt: skip
+        disable_fixes: tuple[str, ...] = (), self_kill: bool = False,
+        expect_gpu: bool = False) -> dict[str, Any]:  # fmt: skip
     result: dict[str, Any] = {
         "schema": SCHEMA, "cell": cell, "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "code": code_digest(), "versions": versions(), "status": "running", "stages": {}, "backend": backend,
@@ -93,8 +105,10 @@ def run(cell: str, out: Path, golden: Path, bench: bool = True, full_size: bool 
         result["stages"]["import"] = {"status": "pass"}
     except Exception as err:
         result["stages"]["import"] = {"status": "fail", **error_entry(err)}
+    if expect_gpu and result["stages"]["import"]["status"] == "pass" and result["where"] != "gpu":
+        result["stages"]["gpu"] = {"status": "fail", "error": gpu_missing(stages.torch)}  # nothing else runs
     save()
-    if result["stages"]["import"]["status"] == "pass":
+    if all(s["status"] == "pass" for s in result["stages"].values()):
         steps = [
             ("fixes", stages.stage_fixes),
             ("inference+golden", lambda: stages.stage_inference_and_golden(golden)),
@@ -121,6 +135,8 @@ def run(cell: str, out: Path, golden: Path, bench: bool = True, full_size: bool 
     result["failed_stages"] = failed
     if failed:
         result["failure"] = failure_summary(result["stages"], failed)
+        if "gpu" in failed:
+            result["failure"].update({"class": "gpu-missing", "known": False})
     result["duration_s"] = round(time.perf_counter() - t0, 1)
     save()
     return result
@@ -140,10 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--self-kill", action="store_true", help="SIGKILL itself once started (failure isolation)"
     )
+    parser.add_argument(
+        "--expect-gpu", action="store_true", help="fail as gpu-missing when CUDA is not available"
+    )
     args = parser.parse_args(argv)
     result = run(args.cell, args.out, args.golden, bench=not args.no_bench, full_size=not args.no_full_size,
                  backend=args.backend, disable_fixes=tuple(n for n in args.disable_fixes.split(",") if n.strip()),
-                 self_kill=args.self_kill)  # fmt: skip
+                 self_kill=args.self_kill, expect_gpu=args.expect_gpu)  # fmt: skip
     print(
         f"cell {args.cell}: {result['status']} ({', '.join(result['failed_stages']) or 'all stages passed'})"
     )
