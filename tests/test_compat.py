@@ -3,6 +3,7 @@ versions need it, the negative control reproduces the documented error."""
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -68,8 +69,34 @@ def test_check_all_reports_every_fix_in_the_data_order() -> None:
 
 
 def test_an_unknown_fix_cannot_be_disabled() -> None:
-    with pytest.raises(DymuError, match=r"unknown fixes \['causal-msk'\]"):
+    with pytest.raises(DymuError, match=r"unknown fixes \['causal-msk'\]") as err:
         registry.disable(["causal-msk"])
+    assert str(err.value).endswith("known: " + ", ".join(sorted(registry.fixes())))
+
+
+def test_the_patch_data_is_read_from_the_source_tree_file() -> None:
+    """Running from a checkout, an edit of patches/fixes.toml counts at once."""
+    assert registry._text() == registry.SOURCE_TREE_DATA.read_text(encoding="utf-8")
+
+
+def test_safe_load_ignores_a_callers_weights_only_false(tmp_path) -> None:
+    """A caller (the legacy builder) asking for weights_only=False still gets the weights-only
+    unpickler: the payload is refused and never runs."""
+    marker = tmp_path / "ran"
+    torch.save({"w": torch.ones(2), "evil": _Touch(marker)}, tmp_path / "evil.bin")
+    with pytest.raises(pickle.UnpicklingError):
+        shims.safe_load(tmp_path / "evil.bin", map_location="cpu", weights_only=False)
+    assert not marker.exists()
+    torch.save({"w": torch.ones(2)}, tmp_path / "plain.bin")
+    assert torch.equal(shims.safe_load(tmp_path / "plain.bin", weights_only=False)["w"], torch.ones(2))
+
+
+class _Touch:
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
 
 
 @pytest.fixture
