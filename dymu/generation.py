@@ -13,6 +13,7 @@ Batches are left-padded (the virtual sequence and the merged one), with position
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -175,6 +176,29 @@ def stock_prepare(
     return PreparedBatch(new_cache(parts.model, keys, values), ids_out, mask, [features.shape[1]] * bsz, None)
 
 
+# One static KV cache per model, reused while batch size, bucketed length, dtype and device stay
+# the same: transformers' compiled decode step (CUDA graphs) is recorded for the cache's tensor
+# addresses and shapes, so a new cache per call means new recordings (and, with a new length, a
+# recompile). The length is rounded up to a multiple of STATIC_CACHE_BUCKET positions.
+STATIC_CACHE_BUCKET = 128
+_static_caches: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, Any]] = weakref.WeakKeyDictionary()
+
+
+def _static_cache_for(parts: LlavaParts, keys: list[torch.Tensor], values: list[torch.Tensor], length: int,
+                      valid: torch.Tensor) -> Any:  # fmt: skip
+    """The model's static cache, reset and filled with the prefill (a new one when the shape changes;
+    the old one is dropped first, so only one is ever held)."""
+    limit = getattr(parts.decoder.config, "max_position_embeddings", None) or length
+    max_len = max(length, min(-(-length // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET, limit))
+    key = (keys[0].shape[0], max_len, keys[0].dtype, str(keys[0].device))
+    held = _static_caches.pop(parts.model, None)
+    reuse = held[1] if held is not None and held[0] == key else None
+    del held
+    cache = static_cache(parts.decoder.config, keys, values, max_len, valid, reuse=reuse)
+    _static_caches[parts.model] = (key, cache)
+    return cache
+
+
 def decode_path(parts: LlavaParts, options: Options = DEFAULT) -> tuple[str, str]:
     """("static" | "dynamic", why) for this model, device and transformers."""
     unsupported = static_cache_supported(parts.model)
@@ -207,8 +231,7 @@ def generate_prepared(parts: LlavaParts, batch: PreparedBatch, max_new_tokens: i
     cache = batch.cache
     if decode_path(parts, options)[0] == "static":
         keys, values = cache_tensors(cache)
-        cache = static_cache(parts.decoder.config, keys, values, batch.virtual_ids.shape[1] + max_new_tokens,
-                             batch.attention_mask[:, :-1])  # fmt: skip
+        cache = _static_cache_for(parts, keys, values, prompt + max_new_tokens, batch.attention_mask[:, :-1])
     gen_kwargs = {
         "input_ids": batch.virtual_ids,
         "attention_mask": batch.attention_mask,

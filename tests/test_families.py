@@ -197,3 +197,26 @@ def test_legacy_family_tests_pass_in_a_fresh_process() -> None:
             "-k", "legacy and not fresh_process"]  # fmt: skip
     done = subprocess.run(argv, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family", FAMILY)
+def test_the_static_cache_is_reused_and_refilled_across_calls(tiny_checkpoints, images, calibrated, family) -> None:
+    """Consecutive static decodes of different prompts (lengths in one bucket) reuse one cache, reset
+    and refilled: each gives the dynamic decode's tokens, so nothing of the previous call leaks."""
+    from dymu import generation
+    from dymu.compat.shims import static_cache_supported
+    from dymu.options import Options
+
+    model = dymu.load(_path(tiny_checkpoints, family), thresholds=calibrated)
+    if static_cache_supported(model.model):
+        pytest.skip("this transformers has no StaticCache (the static-cache tests above cover the refusal)")
+    held = []
+    for question, image in ((QUESTIONS[0], images[0]), (QUESTIONS[1], images[3]), (QUESTIONS[0], images[5])):
+        prompt = dymu.format_prompt(question)
+        dynamic = generate_prepared(model.parts, model.prepare([prompt], [image]), NEW_TOKENS,
+                                    Options(decode="dynamic"))  # fmt: skip
+        static = generate_prepared(model.parts, model.prepare([prompt], [image]), NEW_TOKENS,
+                                   Options(decode="static"))  # fmt: skip
+        assert torch.equal(static.sequences, dynamic.sequences)
+        held.append(generation._static_caches[model.model][1])
+    assert held[0] is held[1] is held[2]

@@ -93,9 +93,11 @@ def static_cache_supported(model: torch.nn.Module) -> str | None:
 
 
 def static_cache(config: Any, keys: list[torch.Tensor], values: list[torch.Tensor], max_len: int,
-                 valid: torch.Tensor | None = None) -> Any:  # fmt: skip
+                 valid: torch.Tensor | None = None, reuse: Any = None) -> Any:  # fmt: skip
     """A `StaticCache` of `max_len` positions holding the given per-layer (B, H_kv, N, d) tensors at
-    positions 0..N-1 (the static-cache fix picks the constructor this transformers has).
+    positions 0..N-1 (the static-cache fix picks the constructor this transformers has). `reuse`: a
+    cache this function made before for the same batch size, length, dtype and device; it is reset
+    and refilled, so its tensors keep their addresses (what a captured decode step needs).
 
     `valid` (B, N) marks real positions: padded ones get keys of 1 (they are masked out anyway),
     because some releases count a static cache's length from the non-zero keys of row 0, and a
@@ -104,7 +106,10 @@ def static_cache(config: Any, keys: list[torch.Tensor], values: list[torch.Tenso
     if valid is not None and not bool(valid.all()):
         pad = ~valid.bool()[:, None, :, None]
         keys = [k.masked_fill(pad, 1.0) for k in keys]
-    if active("static-cache"):
+    if reuse is not None:
+        cache = reuse
+        cache.reset()
+    elif active("static-cache"):
         cache = StaticCache(config=config, max_batch_size=bsz, max_cache_len=max_len, device=keys[0].device,
                             dtype=keys[0].dtype)  # fmt: skip
     else:
