@@ -31,6 +31,12 @@ from .merge import Edges, top_k_merges
 from .tower import run_tower
 
 
+def default_target_tokens(num_patches: int) -> int:
+    """The default calibration target: an eighth of the patches, as the official "72out" files
+    are for LLaVA-1.5's 576 (8 for the tiny model's 64); one rule for `calibrate` and `bench`."""
+    return max(1, round(num_patches / 8))
+
+
 def merge_schedule(num_patches: int, target_tokens: int, n_layers: int) -> list[int]:
     """Integer merges per image for each of `n_layers` blocks, summing to patches - target."""
     if not 0 < target_tokens <= num_patches:

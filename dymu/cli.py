@@ -15,7 +15,7 @@ from .api import CONV_SYSTEMS, format_prompt, load
 from .bench import command as bench_command
 from .bench import importers
 from .blocks import layers_to_run
-from .calibration import calibrate, merge_schedule
+from .calibration import calibrate, default_target_tokens, merge_schedule
 from .checkpoints import convert_to_safetensors
 from .compat.checks import check_all
 from .devices import device_from, dtype_from
@@ -34,6 +34,12 @@ from .versions import installed
 from .vision_loading import load_vision_tower
 
 EXIT_USAGE = 2
+# doctor --negative, in words: the unfixed path failing as documented is the control doing its job
+NEGATIVE_WORDS = {
+    "failed as documented": "negative control reproduced the documented failure",
+    "failed differently": "negative control FAILED DIFFERENTLY from the documented error",
+    "did not fail": "negative control did NOT reproduce the documented failure",
+}
 
 
 def _device(name: str) -> str:
@@ -66,20 +72,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if args.model is None:
         model_path = ensure_tiny_checkpoints()["clip"]
-        target = 16 if args.target_tokens is None else args.target_tokens
         images: list = list_images(args.images) if args.images else make_sample_images(32, seed=0)
-        print(
-            f"using the embedded tiny LLaVA-1.5 CLIP tower ({model_path}); random weights, for testing only"
-        )
+        print(f"using the embedded tiny LLaVA-1.5 CLIP tower ({model_path}); for testing only")
     else:
         model_path = Path(args.model)
-        target = 72 if args.target_tokens is None else args.target_tokens
         if args.images is None:
             raise DymuError("--images DIR is required with --model (a folder of calibration images)")
 
     tower, processor = load_vision_tower(
         model_path, dtype=dtype_from(args.dtype), device=_device(args.device)
     )
+    num_patches = (tower.config.image_size // tower.config.patch_size) ** 2
+    target = args.target_tokens
+    if target is None:
+        target = default_target_tokens(num_patches)
+        if not args.json:
+            print(f"target: {target} tokens per image (default: {num_patches} patches / 8; --target-tokens)")
     if args.model is not None:
         images = list_images(args.images)
     thresholds = calibrate(
@@ -101,7 +109,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     n_layers = len(thresholds)
     n_run = layers_to_run(n_layers, args.feature_layer)
-    num_patches = (tower.config.image_size // tower.config.patch_size) ** 2
     save_thresholds(
         args.out,
         thresholds,
@@ -129,12 +136,29 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(strict_json(summary))
     else:
         print("per-layer thresholds:", " ".join(f"{t:.4f}" for t in summary["thresholds"]))
+        for line in explain_inf(summary["thresholds"], n_run):
+            print(line)
         c = summary["calibration_set_tokens"]
         print(
             f"tokens on the calibration set: mean {c['mean']:.1f} (min {c['min']}, max {c['max']}); target {target}"
         )
         print(f"wrote {args.out}")
     return 0
+
+
+def explain_inf(thresholds: list[float], n_run: int) -> list[str]:
+    """Say why a threshold is `inf`: such a layer never merges (a similarity never exceeds it),
+    either because LLaVA stops before it or because its schedule asks for no merges."""
+    past = [i for i, t in enumerate(thresholds) if t == float("inf") and i >= n_run]
+    idle = [i for i, t in enumerate(thresholds) if t == float("inf") and i < n_run]
+    lines = []
+    if past:
+        lines.append(f"inf = layer never merges: layers {past[0]}..{past[-1]} come after --feature-layer, "
+                     "so LLaVA never runs them")  # fmt: skip
+    if idle:
+        lines.append(f"inf = layer never merges: layers {', '.join(map(str, idle))} had no merges to make at "
+                     "this target")  # fmt: skip
+    return lines
 
 
 def add_option_flags(parser: argparse.ArgumentParser) -> None:
@@ -234,7 +258,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                 print(f"{key:>16}: {value}")
         print(f"{'patch set':>16}: {', '.join(info['patch_set']) or '(none)'}")
         for f in fixes:
-            neg = f" | negative control: {f['negative']}" if args.negative else ""
+            neg = (
+                f" | {NEGATIVE_WORDS.get(f['negative'], 'negative control: ' + f['negative'])}"
+                if args.negative
+                else ""
+            )
             print(
                 f"  {f['fix']:<16} needed={f['needed']:<3} verify={f['verify']:<7} {f.get('detail', '')}{neg}"
             )
@@ -272,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help=cmd_calibrate.__doc__)
     cal.add_argument("--model", help="CLIP, liuhaotian LLaVA or llava-hf directory (default: the tiny model)")
     cal.add_argument("--images", help="folder of calibration images (default with the tiny model: samples)")
-    cal.add_argument("--target-tokens", type=int, default=None, help="mean tokens at the feature layer (72)")
+    cal.add_argument("--target-tokens", type=int, default=None,
+                     help="mean tokens at the feature layer (default: patches / 8: 72 for LLaVA-1.5's 576 patches, "
+                     "8 for the tiny model's 64)")  # fmt: skip
     cal.add_argument("--batch-size", type=int, default=64)
     cal.add_argument("--feature-layer", type=int, default=-2)
     cal.add_argument("--out", type=Path, default=Path("dymu-thresholds.safetensors"))

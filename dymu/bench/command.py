@@ -20,6 +20,18 @@ from .data import load_data_file
 from .run import BenchConfig, data_path, jsonl_path, run
 
 MICRO = {"tower": tower_bench.main, "llava": llava_bench.main}
+DEFAULT_NEW_TOKENS = 64  # as run_benchmark_dymu.py
+TINY_NEW_TOKENS = (
+    16  # the tiny model's answers are short; 64 steps x 2 modes x 7 batches took minutes on 2 cores
+)
+TINY_MODELS = ("tiny", "tiny-legacy")
+
+
+def new_tokens(args: argparse.Namespace) -> int:
+    """--max-new-tokens, or its default for the model asked for."""
+    if args.max_new_tokens is not None:
+        return args.max_new_tokens
+    return TINY_NEW_TOKENS if args.model_path in TINY_MODELS else DEFAULT_NEW_TOKENS
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,7 +42,9 @@ def parser() -> argparse.ArgumentParser:
                    "or `random:llava-1.5-7b` (the exact architecture, random weights, built on --device)")  # fmt: skip
     p.add_argument("--data-file", default="sample", help="their JSON format; `sample` (default) / `sample-mmbench`: "
                    "the packaged photos with COCO / MMBench prompts")  # fmt: skip
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default {DEFAULT_NEW_TOKENS}; {TINY_NEW_TOKENS} on the embedded tiny model, so the no-argument "
+                   "run stays short on a CPU")  # fmt: skip
     p.add_argument("--report-file", default="report_dymu.json", help="JSON report; .md, per-mode .json, .jsonl "
                    "and plots are written next to it")  # fmt: skip
     p.add_argument("--thresholds", help="DyMU thresholds file (default: calibrated on the data's images)")
@@ -71,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = BenchConfig(
-        model_path=args.model_path, data_file=args.data_file, max_new_tokens=args.max_new_tokens,
+        model_path=args.model_path, data_file=args.data_file, max_new_tokens=new_tokens(args),
         report_file=args.report_file, thresholds=args.thresholds, modes=args.modes, vtu=args.vtu,
         batch_size=args.batch_size, limit=args.limit, offset=args.offset, warmup=args.warmup, seed=args.seed,
         temperature=args.temperature, image_root=args.image_root, resume=args.resume, device=device,

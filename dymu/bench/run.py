@@ -26,7 +26,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, LogitsProcessorList
 
 from ..api import DymuLlava, apply, format_prompt, load
-from ..calibration import calibrate
+from ..calibration import calibrate, default_target_tokens
 from ..cuda_graph import capture_count
 from ..devices import device_from, dtype_from
 from ..errors import DymuError
@@ -180,7 +180,7 @@ def _thresholds_for(mode: Mode, model: DymuLlava, cfg: BenchConfig, data: DataFi
     if mode.thresholds_file:
         return load_thresholds(mode.thresholds_file, num_layers=layers)
     patches = (model.parts.vision.config.image_size // model.parts.vision.config.patch_size) ** 2
-    target = cfg.target_tokens or max(1, round(patches / 8))  # 72 of 576, as the official files
+    target = cfg.target_tokens or default_target_tokens(patches)
     images = []
     for sample in data.samples:
         if len(images) >= cfg.calibration_images:
