@@ -31,6 +31,8 @@ NEEDED_BY_CELL: dict[str, set[str]] = {
     "bin-guard": ALWAYS | {"weights-only", "safetensors", "generate-kwargs", "dtype-kwarg", "static-cache"},
     "mask": ALWAYS | {"generate-kwargs", "causal-mask", "dtype-kwarg", "static-cache"},
     "seed": ALWAYS | {"generate-kwargs", "causal-mask", "cache-layers"},
+    "user-env": ALWAYS | {"generate-kwargs", "causal-mask", "cache-layers"},  # the seed stack, exact pins
+    "py312": ALWAYS | {"generate-kwargs", "causal-mask", "cache-layers"},  # the seed stack on Python 3.12
     "v5": ALWAYS | {"generate-kwargs", "causal-mask", "cache-layers", "loader-kwargs", "tokenizer",
                     "rope-parameters", "bos-default"},
     "latest": ALWAYS | {"cache-rename", "causal-mask", "cache-layers", "loader-kwargs", "rope-parameters",

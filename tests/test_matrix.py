@@ -554,3 +554,49 @@ def test_base_image_digests_are_checked_and_used(tmp_path) -> None:
     cells.validate("c", {**own, "image": "debian:bookworm"}, {})
     with pytest.raises(ValueError, match="base_digest 'sha256:1' is not"):
         cells.validate("c", {**own, "image": "debian:bookworm", "base_digest": "sha256:1"}, {})
+
+
+def test_a_cell_whose_python_is_missing_here_is_skipped_with_the_reason(tmp_path, monkeypatch) -> None:
+    """The local backend needs the cell's own interpreter: without it the cell is `skipped` (with the
+    reason, in the result and the report), never run on another Python and never a failure."""
+    from dymu.matrix import backends, orchestrate
+
+    local = backends.LocalBackend(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert "no python3.99 on this machine's PATH" in local.cannot_run({"python": "3.99"})
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "python3.99"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert local.cannot_run({"python": "3.99"}) is None
+
+    ran = []
+
+    class Missing(backends.LocalBackend):
+        def cannot_run(self, cell):
+            return "no python3.12 on this machine's PATH (the cell's Python)"
+
+        def run_cell(self, name, cell, log_path, timeout):
+            ran.append(name)
+            return backends.CellRun(0, False)
+
+    cell = cells.load()["cells"]["seed"]
+    backend = Missing(tmp_path)
+    backend.results.mkdir(parents=True)
+    result = orchestrate.run_one(backend, "py312", cell, 60, [])
+    assert (
+        ran == []
+        and result["status"] == "skipped"
+        and result["as_expected"]
+        and "python3.12" in result["skip_reason"]
+    )
+    (backend.results / "good.json").write_text(
+        json.dumps(_cell("good", "pass", "yes", "failed as documented"))
+    )
+    report.build(tmp_path / "reports")
+    markdown = (tmp_path / "reports" / "matrix.md").read_text()
+    assert (
+        "1 of 1 cells behaved as expected; none did otherwise; skipped here: py312 (see Skipped)." in markdown
+    )
+    assert "- **py312**: no python3.12 on this machine's PATH" in markdown and "| py312 | cpu |" in markdown
+    assert "| skipped |" in markdown.split("## Skipped")[0]

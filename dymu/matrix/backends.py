@@ -184,6 +184,13 @@ class LocalBackend:
             return "the local backend needs uv on PATH (python -m pip install uv)"
         return None
 
+    def cannot_run(self, cell: dict[str, Any]) -> str | None:
+        """Why this machine cannot build the cell at all (reported as skipped, not as a failure)."""
+        python = f"python{cell['python']}"
+        if shutil.which(python) is None:
+            return f"no {python} on this machine's PATH (the cell's Python); the Docker backend installs it"
+        return None
+
     def run_cell(self, name: str, cell: dict[str, Any], log_path: Path, timeout: float) -> CellRun:
         out = runner_file(self.results, name)
         gpu = ["--expect-gpu"] if cell.get("expect_gpu") else []

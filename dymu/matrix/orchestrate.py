@@ -110,6 +110,14 @@ def run_one(backend: backends.Backend, name: str, cell: dict[str, Any], timeout:
     partial.unlink(missing_ok=True)
     started = time.time()
     log_path = backend.results.parent / "logs" / f"{name}.log"  # reports/logs, reports/docker/logs
+    cannot = getattr(backend, "cannot_run", lambda cell: None)(cell)
+    if cannot:  # e.g. no interpreter for the cell's Python here: skipped with the reason, not failed
+        result = {"schema": 1, "cell": name, "status": "skipped", "skip_reason": cannot, "stages": {},
+                  "versions": {"python": cell["python"], "torch": cell["torch"], "transformers": cell["transformers"]},
+                  "expected": cell.get("expect", "pass"), "as_expected": True, "runner_started": False,
+                  "cell_digest": cell_digest(cell), "duration_s": 0.0}  # fmt: skip
+        write_text_atomic(out, json.dumps(result, indent=1) + "\n")
+        return result
     run = backend.run_cell(name, cell, log_path, timeout)
     text = log_path.read_text(errors="replace") if log_path.is_file() else ""
     result = runner_evidence(_read(partial, started_after=started), name)

@@ -60,6 +60,7 @@ def summarize(cell: dict[str, Any]) -> dict[str, Any]:
         "expected": cell.get("expected", "pass"),
         "as_expected": cell.get("as_expected", cell.get("status") == "pass"),
         "failure": cell.get("failure"),
+        "skip_reason": cell.get("skip_reason"),
         "stages": {s: stages.get(s, {}).get("status", "-") for s in STAGES},
         "fixes": {name: fix_verdict(fixes.get(name)) for name in FIXES},
         "bench_ratio": bench.get("ratio_stock_over_dymu"),
@@ -90,19 +91,22 @@ def status_text(row: dict[str, Any]) -> str:
     chase; `<status> (unexpected)` for anything else its `expect` did not foresee."""
     if not row["as_expected"]:
         return f"{row['status']} (unexpected)"
-    if row["status"] == "pass":
-        return "pass"
+    if row["status"] in ("pass", "skipped"):
+        return row["status"]
     return f"expected {row['expected']}"
 
 
 def headline(rows: list[dict[str, Any]]) -> str:
     """The page's first line: how many cells behaved as their `expect` says, and which did not."""
-    wrong = [f"{r['cell']} ({status_text(r)})" for r in rows if not r["as_expected"]]
-    on_purpose = [r["cell"] for r in rows if r["as_expected"] and r["status"] != "pass"]
-    line = f"{len(rows) - len(wrong)} of {len(rows)} cells behaved as expected"
+    skipped = [r["cell"] for r in rows if r["status"] == "skipped"]
+    ran = [r for r in rows if r["status"] != "skipped"]
+    wrong = [f"{r['cell']} ({status_text(r)})" for r in ran if not r["as_expected"]]
+    on_purpose = [r["cell"] for r in ran if r["as_expected"] and r["status"] != "pass"]
+    line = f"{len(ran) - len(wrong)} of {len(ran)} cells behaved as expected"
     if on_purpose:
         line += f" ({len(on_purpose)} of them failing on purpose: {', '.join(on_purpose)})"
-    return line + (f"; not as expected: {', '.join(wrong)}." if wrong else "; none did otherwise.")
+    line += f"; not as expected: {', '.join(wrong)}" if wrong else "; none did otherwise"
+    return line + (f"; skipped here: {', '.join(skipped)} (see Skipped)." if skipped else ".")
 
 
 def _num(value: Any, spec: str) -> str:
@@ -154,6 +158,9 @@ def render_markdown(rows: list[dict[str, Any]]) -> str:
                       *r["fixes"].values()])  # fmt: skip
     lines += _md_table(head, table)
     lines += full_size_markdown(rows)
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    if skipped:
+        lines += ["", "## Skipped", "", *(f"- **{r['cell']}**: {r['skip_reason']}" for r in skipped)]
     failures = [r for r in rows if r["failure"]]
     if failures:
         lines += ["", "## Failures", ""]
@@ -168,7 +175,8 @@ def render_markdown(rows: list[dict[str, Any]]) -> str:
 def render_html(rows: list[dict[str, Any]]) -> str:
     colors = {"pass": "#d4f7d4", "fixed": "#d4f7d4", "ok": "#eef7ee", "known": "#fff3c4", "fail": "#f7d4d4",
               "FAIL": "#f7d4d4", "n.a.": "#eeeeee"}  # fmt: skip
-    status_colors = {"pass": colors["pass"], "expected": colors["known"], "unexpected": colors["fail"]}
+    status_colors = {"pass": colors["pass"], "expected": colors["known"], "unexpected": colors["fail"],
+                     "skipped": colors["n.a."]}  # fmt: skip
     head = ["cell", "where", "torch", "transformers", "status", *STAGES, "stock/dymu", *FIXES]
     out = ["<!doctype html><meta charset='utf-8'><title>dymu compatibility matrix</title>",
            "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px 6px;font-size:13px}"
@@ -179,7 +187,9 @@ def render_html(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         ratio = f"{r['bench_ratio']:.2f}" if isinstance(r["bench_ratio"], (int, float)) else "-"
         status = status_text(r)
-        kind = "unexpected" if not r["as_expected"] else "pass" if status == "pass" else "expected"
+        kind = (
+            "unexpected" if not r["as_expected"] else status if status in ("pass", "skipped") else "expected"
+        )
         values = [
             (v, colors.get(str(v), "white")) for v in (r["cell"], r["where"], r["torch"], r["transformers"])
         ]
@@ -192,6 +202,14 @@ def render_html(rows: list[dict[str, Any]]) -> str:
             f"<td style='background:{color}'>{html.escape(str(v))}</td>" for v, color in values
         ) + f"<td>{log}</td></tr>")  # fmt: skip
     out.append("</table>")
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    if skipped:
+        out.append("<h2>Skipped</h2><ul>")
+        out += [
+            f"<li><b>{html.escape(str(r['cell']))}</b>: {html.escape(str(r['skip_reason']))}</li>"
+            for r in skipped
+        ]
+        out.append("</ul>")
     failures = [r for r in rows if r["failure"]]
     if failures:
         out.append("<h2>Failures</h2><ul>")
