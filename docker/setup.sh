@@ -13,7 +13,8 @@ if [ -s "$ca" ]; then
     echo "setup.sh: $ca holds no PEM certificate" >&2
     exit 1
   fi
-  cp "$ca" /usr/local/share/ca-certificates/dymu-extra-ca.crt
+  cp "$ca" /usr/local/share/ca-certificates/dymu-extra-ca.crt  # public certificates: readable by all
+  chmod 644 /usr/local/share/ca-certificates/dymu-extra-ca.crt
   # a bundle of many CAs in one file goes into ca-certificates.crt whole; openssl's rehash warns
   # that it holds more than one certificate, which does not matter (SSL_CERT_FILE is the bundle)
   update-ca-certificates > /dev/null 2>&1

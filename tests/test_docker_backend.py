@@ -419,6 +419,10 @@ def test_compose_and_the_dockerfile_run_as_a_non_root_user() -> None:
     for stage in re.split(r"^FROM ", text, flags=re.M)[1:]:  # each stage ends as uid 1000, not root
         users = re.findall(r"^USER (\S+)$", stage, re.M)
         assert users and users[-1] == "1000:1000", stage.splitlines()[0]
+        # HOME is set after the last root RUN: an install as root would leave ~/.cache root's (bench-cpu
+        # then failed with PermissionError: /home/dymu/.cache/dymu)
+        if "HOME=" in stage:
+            assert stage.rindex("HOME=/home/dymu") > stage.rindex("\nRUN "), stage.splitlines()[0]
 
 
 def _no_host_gpu(monkeypatch, tmp_path) -> None:
