@@ -98,10 +98,13 @@ def status_text(row: dict[str, Any]) -> str:
 
 def headline(rows: list[dict[str, Any]]) -> str:
     """The page's first line: how many cells behaved as their `expect` says, and which did not."""
-    skipped = [r["cell"] for r in rows if r["status"] == "skipped"]
+    def label(r: dict[str, Any]) -> str:  # one cell can run on several backends
+        return r["cell"] if r["where"] == "cpu" else f"{r['cell']} [{r['where']}]"
+
+    skipped = [label(r) for r in rows if r["status"] == "skipped"]
     ran = [r for r in rows if r["status"] != "skipped"]
-    wrong = [f"{r['cell']} ({status_text(r)})" for r in ran if not r["as_expected"]]
-    on_purpose = [r["cell"] for r in ran if r["as_expected"] and r["status"] != "pass"]
+    wrong = [f"{label(r)} ({status_text(r)})" for r in ran if not r["as_expected"]]
+    on_purpose = [label(r) for r in ran if r["as_expected"] and r["status"] != "pass"]
     line = f"{len(ran) - len(wrong)} of {len(ran)} cells behaved as expected"
     if on_purpose:
         line += f" ({len(on_purpose)} of them failing on purpose: {', '.join(on_purpose)})"
