@@ -1,4 +1,4 @@
-"""The DToMe CLIP encoder blocks (DYMU_SPEC.md section 1): our own block forward over HF weights.
+"""The DToMe CLIP encoder blocks (docs/algorithm.md section 1): our own block forward over HF weights.
 
 We own the encoder-block forward (LayerNorms, q/k/v/out projections, torch SDPA with the
 log-size bias, MLP) and reuse HF `CLIPVisionModel` weights as they are. Only module

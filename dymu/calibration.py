@@ -1,4 +1,4 @@
-"""Threshold calibration, batch level (DYMU_SPEC.md section 2).
+"""Threshold calibration, batch level (docs/algorithm.md section 2).
 
 Each batch of B images runs through the tower merging exactly the top r_l*B edges of
 the whole batch at layer l (simple images absorb more merges than busy ones). The

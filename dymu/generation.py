@@ -1,4 +1,4 @@
-"""DyMU-LLaVA prefill and generation, for either family (DYMU_SPEC.md section 3).
+"""DyMU-LLaVA prefill and generation, for either family (docs/algorithm.md section 3).
 
 Prefill: the DToMe tower merges the image, the projector maps the merged features, and
 fast VTU runs the decoder on the merged sequence while attending at the virtual length
@@ -54,7 +54,7 @@ class PreparedBatch:
 
 def virtual_mask(decoder: torch.nn.Module, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, 1, N, N) additive prefill mask over the virtual sequence: the decoder's own causal +
-    padding mask from this transformers' masking API (DYMU_SPEC step 4), so VTU attends as
+    padding mask from this transformers' masking API (docs/algorithm.md section 3, step 3), so VTU attends as
     stock LLaVA does."""
     bsz, n = valid.shape
     probe = torch.zeros(1, 1, decoder.config.hidden_size, dtype=dtype, device=valid.device).expand(bsz, n, -1)

@@ -1,4 +1,4 @@
-"""DToMe merging math: pure tensor functions, no model knowledge (DYMU_SPEC.md section 1).
+"""DToMe merging math: pure tensor functions, no model knowledge (docs/algorithm.md section 1).
 
 A batch of token sequences is padded to a common length N; `lengths` (B,) says how
 many leading tokens of each row are real. Token 0 of every row is CLS.

@@ -1,4 +1,4 @@
-"""Per-layer merge thresholds: the three file formats (DYMU_SPEC.md section 2).
+"""Per-layer merge thresholds: the three file formats (docs/algorithm.md section 2).
 
 - the official DyMU `.pth`: `torch.save({"name", "state_dict"})` of an open_clip model,
   thresholds at `[module.]visual.transformer.resblocks.{i}.threshold` (0-dim, often

@@ -1,4 +1,4 @@
-"""The DToMe CLIP vision tower (DYMU_SPEC.md section 1): thresholds in, merged features and
+"""The DToMe CLIP vision tower (docs/algorithm.md section 1): thresholds in, merged features and
 the patch -> token mapping out. The blocks are in `blocks.py`; on CUDA they replay as graph
 segments (`cuda_graph.py`), elsewhere they run eagerly. Both give the same merges.
 """

@@ -1,4 +1,4 @@
-"""Virtual token unmerging (fast VTU) for a Llama decoder stack (DYMU_SPEC.md section 3).
+"""Virtual token unmerging (fast VTU) for a Llama decoder stack (docs/algorithm.md section 3).
 
 Row-wise work (norms, q/k/v/o projections, MLP) runs on the N_u merged rows; attention runs
 at the virtual length N (text + 576 image positions) after expanding q/k/v with `idx` and

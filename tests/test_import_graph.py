@@ -1,4 +1,4 @@
-"""The package's floors (../shared/DESIGN.md "Floors"): imports only go down, no circles,
+"""The package's floors (ARCHITECTURE.md, "Floors"): imports only go down, no circles,
 function-level imports only for optional dependencies, no version branches or environment
 reads in the pure floors, and one documented name per environment variable."""
 

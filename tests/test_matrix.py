@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import pathlib
 import re
@@ -600,3 +601,103 @@ def test_a_cell_whose_python_is_missing_here_is_skipped_with_the_reason(tmp_path
     )
     assert "- **py312**: no python3.12 on this machine's PATH" in markdown and "| py312 | cpu |" in markdown
     assert "| skipped |" in markdown.split("## Skipped")[0]
+
+
+def test_gpus_per_cell_gives_running_cells_their_own_gpus(tmp_path, monkeypatch) -> None:
+    """--jobs 3 --gpus-per-cell 1 on two GPUs: at most two cells run at once, never on one GPU, and
+    each result records the GPU it had (a stand-in backend that holds each cell for 0.6 s)."""
+    import threading
+    import time
+
+    from dymu.matrix import backends, orchestrate
+
+    seen, lock = [], threading.Lock()
+
+    class Holding:
+        name = "holding"
+        results = tmp_path / "reports" / "cells"
+
+        def unavailable(self):
+            return None
+
+        def run_cell(self, name, cell, log_path, timeout):
+            start = time.monotonic()
+            time.sleep(0.6)
+            with lock:
+                seen.append((name, tuple(cell["gpu_ids"]), start, time.monotonic()))
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path.write_text("RuntimeError: planted\n")
+            return backends.CellRun(1, False)
+
+    monkeypatch.setattr(orchestrate, "ROOT", tmp_path)
+    monkeypatch.setattr(backends, "get_backend", lambda name, root, **kw: Holding())
+    monkeypatch.setattr(orchestrate.report, "build", lambda reports: {"summary": []})
+    argv = [
+        "--cells",
+        "reference,latest,seed",
+        "--jobs",
+        "3",
+        "--gpus-per-cell",
+        "1",
+        "--gpu-ids",
+        "0,1",
+        "--force",
+    ]
+    assert orchestrate.main(argv, log=lambda line: None) == 0
+    assert sorted(n for n, *_ in seen) == ["latest", "reference", "seed"] and all(
+        len(g) == 1 for _, g, *_ in seen
+    )
+    for a, b in itertools.combinations(seen, 2):
+        if a[2] < b[3] and b[2] < a[3]:  # ran at the same time
+            assert a[1] != b[1], (a, b)
+    overlapping = max(sum(1 for _, _, s, e in seen if s <= t < e) for _, _, t, _ in seen)
+    assert overlapping == 2
+    written = {n: json.loads((tmp_path / "reports" / "cells" / f"{n}.json").read_text()) for n, *_ in seen}
+    assert all(written[n]["gpu_ids"] == list(g) for n, g, *_ in seen)
+    assert orchestrate.cell_digest({"python": "3.11", "gpu_ids": ["1"]}) == orchestrate.cell_digest(
+        {"python": "3.11"}
+    )
+
+
+def test_gpus_per_cell_refuses_what_it_cannot_give(monkeypatch) -> None:
+    from dymu.matrix import orchestrate
+
+    said: list[str] = []
+    for argv, words in ((["--gpus-per-cell", "2", "--gpu-ids", "0"], "has 1 GPU"),
+                        (["--gpus-per-cell", "-1"], "must be 0"),
+                        (["--gpus-per-cell", "1", "--gpu-ids", "0,0"], "each once"),
+                        (["--gpus-per-cell", "1", "--gpu-ids", "x"], "GPU indexes")):  # fmt: skip
+        assert orchestrate.main(["--cells", "reference", *argv], log=said.append) == 2
+        assert said[-1].startswith("dymu: error: --") and words in said[-1] and "\n" not in said[-1]
+    monkeypatch.setattr(orchestrate, "host_gpu_ids", lambda: [])
+    assert orchestrate.main(["--cells", "reference", "--gpus-per-cell", "1"], log=said.append) == 2
+    assert "0 GPU(s) (none by nvidia-smi -L)" in said[-1]
+
+
+def test_a_local_cell_sees_only_its_own_gpus(tmp_path, monkeypatch) -> None:
+    import sys
+
+    from dymu.matrix import backends
+
+    log = tmp_path / "env.log"
+    show = [sys.executable, "-c", "import os; print(os.environ.get('CUDA_VISIBLE_DEVICES'))"]
+    assert backends.run_logged(show, log, 30, tmp_path, {"CUDA_VISIBLE_DEVICES": "1"}).returncode == 0
+    assert log.read_text().strip() == "1"
+    calls = []
+    monkeypatch.setattr(
+        backends, "run_logged", lambda *args: calls.append(args) or backends.CellRun(0, False)
+    )
+    local = backends.LocalBackend(tmp_path)
+    local.run_cell("seed", {"gpu_ids": ["2", "3"]}, log, 30)
+    local.run_cell("seed", {}, log, 30)
+    assert calls[0][4] == {"CUDA_VISIBLE_DEVICES": "2,3"} and calls[1][4] is None
+
+
+def test_a_docker_cell_gets_only_its_own_gpus() -> None:
+    from dymu.matrix.backends import only_gpus
+
+    nvidia = {"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}
+    assert only_gpus(nvidia, ["1"]) == {"driver": "nvidia", "device_ids": ["1"], "capabilities": [["gpu"]]}
+    assert only_gpus(nvidia, None) == nvidia
+    cdi = {"driver": "cdi", "device_ids": ["nvidia.com/gpu=all"]}
+    assert only_gpus(cdi, ["0", "1"])["device_ids"] == ["nvidia.com/gpu=0", "nvidia.com/gpu=1"]

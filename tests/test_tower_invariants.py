@@ -1,4 +1,4 @@
-"""DToMe invariants V1-V7 (DYMU_SPEC.md section 4) on two towers.
+"""DToMe invariants V1-V7 (docs/algorithm.md section 4) on two towers.
 
 `tiny` is the project's tiny LLaVA fixture tower (112 px, 64 patches, 4 layers);
 `vitl` has the real ViT-L/14-336 geometry (577 tokens, 24 layers) at a small width.

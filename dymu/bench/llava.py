@@ -1,4 +1,4 @@
-"""LLaVA-1.5 benchmark: stock vs DyMU side by side, per stage (DESIGN.md benchmark protocol).
+"""LLaVA-1.5 benchmark: stock vs DyMU side by side, per stage (docs/architecture.md, "Benchmark protocol").
 
 Stages: vision tower, prefill (LLM only: stock full-length forward vs fast-VTU prefill
 into a cache), decode (ms/token from each prefilled cache), end to end (generate with a

@@ -124,17 +124,20 @@ def oom_kills() -> int | None:
     return None
 
 
-def run_logged(command: list[str], log_path: Path, timeout: float, cwd: Path) -> CellRun:
-    """Run `command` in its own process group with stdout+stderr into `log_path`. On a timeout or
-    an interrupt the whole group is killed (no orphan keeps running, or writing)."""
+def run_logged(command: list[str], log_path: Path, timeout: float, cwd: Path,
+               env: dict[str, str] | None = None) -> CellRun:  # fmt: skip
+    """Run `command` in its own process group with stdout+stderr into `log_path` (`env`: extra
+    environment variables). On a timeout or an interrupt the whole group is killed (no orphan
+    keeps running, or writing)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     if LIVE.stopping:  # the run was interrupted before this cell started
         return CellRun(None, False, interrupted=True)
     before = oom_kills()
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
-        )
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
+            env={**os.environ, **env} if env else None,
+        )  # fmt: skip
         key = LIVE.add(lambda: _signal_group(proc))
         try:
             code = proc.wait(timeout=timeout)
@@ -194,8 +197,21 @@ class LocalBackend:
     def run_cell(self, name: str, cell: dict[str, Any], log_path: Path, timeout: float) -> CellRun:
         out = runner_file(self.results, name)
         gpu = ["--expect-gpu"] if cell.get("expect_gpu") else []
+        # --gpus-per-cell: this cell's own GPUs (the matrix hands them out), else whatever it inherits
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(cell["gpu_ids"])} if cell.get("gpu_ids") else None
         return run_logged([sys.executable, "-m", "nox", "-s", f"cell({name})", "--", "--out", str(out), *gpu],
-                          log_path, timeout, self.root)  # fmt: skip
+                          log_path, timeout, self.root, env)  # fmt: skip
+
+
+def only_gpus(request: dict[str, Any], ids: list[str] | None) -> dict[str, Any]:
+    """A DeviceRequest's keywords narrowed from every GPU to `ids` (--gpus-per-cell): device ids for
+    the nvidia driver, `nvidia.com/gpu=<id>` names for CDI; unchanged without ids."""
+    if not ids:
+        return request
+    if request.get("driver") == "cdi":
+        return {**request, "device_ids": [f"nvidia.com/gpu={i}" for i in ids]}
+    narrowed = {k: v for k, v in request.items() if k != "count"}
+    return {**narrowed, "device_ids": list(ids)}
 
 
 def docker_sdk() -> Any:
@@ -477,7 +493,11 @@ class DockerBackend:
                 log.flush()
                 env = {"HOME": "/tmp", "UV_CACHE_DIR": CACHE_IN_CONTAINER, "UV_LINK_MODE": "copy",
                        "UV_PYTHON_DOWNLOADS": "never"}  # fmt: skip
-                devices = [docker.types.DeviceRequest(**request[1])] if request else []
+                devices = (
+                    [docker.types.DeviceRequest(**only_gpus(request[1], cell.get("gpu_ids")))]
+                    if request
+                    else []
+                )
                 volumes = self.mounts(run_dir, uid, gid, log)
                 run = self.run_container(image, container_script(name, cell), log, timeout, environment=env,
                                          volumes=volumes, device_requests=devices, labels={"dymu.cell": name},

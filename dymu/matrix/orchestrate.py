@@ -16,6 +16,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -59,10 +60,60 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--docker-gpus", choices=["auto", "all", "none"], default="auto",
                    help="docker backend: pass the GPUs through (auto: when the engine has the nvidia runtime, "
                    "the NVIDIA hook or a CDI spec for nvidia.com/gpu)")  # fmt: skip
+    p.add_argument("--gpus-per-cell", type=int, default=0,
+                   help="give each running cell its own N GPUs (CUDA_VISIBLE_DEVICES locally, device ids in "
+                   "Docker), so --jobs cells share the host's GPUs without sharing a GPU; 0 (default): every cell "
+                   "sees every GPU")  # fmt: skip
+    p.add_argument("--gpu-ids", type=lambda s: [g for g in s.split(",") if g], default=None,
+                   help="with --gpus-per-cell: the GPU ids to hand out (default: every GPU nvidia-smi -L lists)")  # fmt: skip
     p.add_argument("--expect-gpu", action="store_true",
                    help="every selected cell must run on a GPU: one that sees no CUDA fails as gpu-missing "
                    "(the GPU workflow sets it)")  # fmt: skip
     return p
+
+
+class GpuPool:
+    """GPU ids handed out `per_cell` at a time to running cells, so cells running side by side never
+    share a GPU; a cell waits until enough are free. Thread-safe (cells run in worker threads)."""
+
+    def __init__(self, ids: list[str], per_cell: int) -> None:
+        self.free, self.per_cell = list(ids), per_cell
+        self._ready = threading.Condition()
+
+    def take(self) -> list[str]:
+        with self._ready:
+            self._ready.wait_for(lambda: len(self.free) >= self.per_cell)
+            taken, self.free = self.free[: self.per_cell], self.free[self.per_cell :]
+            return taken
+
+    def give(self, ids: list[str]) -> None:
+        with self._ready:
+            self.free.extend(ids)
+            self._ready.notify_all()
+
+
+def host_gpu_ids() -> list[str]:
+    """The ids of this host's NVIDIA GPUs (`nvidia-smi -L`), none without the tool."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(listed.stdout.splitlines()) if line.startswith("GPU ")]
+
+
+def gpu_pool(per_cell: int, ids: list[str] | None) -> GpuPool | None:
+    """The pool for --gpus-per-cell (None when 0), or DymuError when it cannot give one cell its GPUs."""
+    if per_cell < 0:
+        raise DymuError(f"--gpus-per-cell {per_cell}: must be 0 (every cell sees every GPU) or more")
+    if per_cell == 0:
+        return None
+    ids = host_gpu_ids() if ids is None else ids
+    if len(set(ids)) != len(ids) or any(not re.fullmatch(r"[0-9]+|GPU-[0-9a-fA-F-]+", i) for i in ids):
+        raise DymuError(f"--gpu-ids {','.join(ids)}: GPU indexes or GPU-<uuid> ids, each once")
+    if len(ids) < per_cell:
+        raise DymuError(f"--gpus-per-cell {per_cell}: this host has {len(ids)} GPU(s) ({', '.join(ids) or 'none'} "
+                        "by nvidia-smi -L); give fewer per cell or name them with --gpu-ids")  # fmt: skip
+    return GpuPool(ids, per_cell)
 
 
 def select(data: dict[str, Any], set_name: str, names: list[str] | None) -> list[str]:
@@ -91,7 +142,7 @@ def _read(path: Path, started_after: float | None = None) -> dict | None:
 def cell_digest(cell: dict[str, Any]) -> str:
     """Everything in a cell's definition that can change its outcome (pins, companions, legacy,
     python, fault keys, expect): a result is fresh only for the same digest."""
-    keep = {k: v for k, v in sorted(cell.items()) if k not in ("why", "image", "base_digest")}
+    keep = {k: v for k, v in sorted(cell.items()) if k not in ("why", "image", "base_digest", "gpu_ids")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -140,6 +191,8 @@ def run_one(backend: backends.Backend, name: str, cell: dict[str, Any], timeout:
     # then died: a cell that never got that far (install failure, a held lock) is not that crash
     result["as_expected"] = outcome.outcome(result) == expected and (expected != "crash" or started_runner)
     result["cell_digest"] = cell_digest(cell)
+    if cell.get("gpu_ids"):
+        result["gpu_ids"] = cell["gpu_ids"]
     result["duration_s"] = result.get("duration_s") or round(time.time() - started, 1)
     write_text_atomic(out, json.dumps(result, indent=1) + "\n")
     partial.unlink(missing_ok=True)
@@ -198,6 +251,11 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> i
     if args.jobs < 1:
         log("matrix: error: --jobs must be at least 1")
         return 2
+    try:
+        args.gpu_pool = gpu_pool(args.gpus_per_cell, args.gpu_ids)
+    except DymuError as err:
+        log(f"dymu: error: {err}")
+        return 2
     options = {"base": args.docker_base, "gpus_choice": args.docker_gpus} if args.backend == "docker" else {}
     try:
         if args.backend == "docker":  # compose's and the backend's DYMU_* settings, before any build
@@ -252,7 +310,13 @@ def _run_members(data: dict[str, Any], members: list[str], backend: backends.Bac
         log(f"cell {name}: python {cell['python']}, torch {cell['torch']} + transformers {cell['transformers']} "
             f"({backend.name}) ...")  # fmt: skip
         started = time.time()
-        result = run_one(backend, name, cell, args.timeout, known)
+        gpus = getattr(args, "gpu_pool", None)
+        ids = gpus.take() if gpus else None
+        try:
+            result = run_one(backend, name, {**cell, "gpu_ids": ids} if ids else cell, args.timeout, known)
+        finally:
+            if ids:
+                gpus.give(ids)
         log(
             f"cell {name}: {outcome.outcome(result)} (expected {result['expected']}) in {time.time() - started:.0f} s"
         )
