@@ -200,7 +200,9 @@ def test_legacy_family_tests_pass_in_a_fresh_process() -> None:
 
 
 @pytest.mark.parametrize("family", FAMILY)
-def test_the_static_cache_is_reused_and_refilled_across_calls(tiny_checkpoints, images, calibrated, family) -> None:
+def test_the_static_cache_is_reused_and_refilled_across_calls(
+    tiny_checkpoints, images, calibrated, family
+) -> None:
     """Consecutive static decodes of different prompts (lengths in one bucket) reuse one cache, reset
     and refilled: each gives the dynamic decode's tokens, so nothing of the previous call leaks."""
     from dymu import generation
