@@ -98,6 +98,7 @@ def status_text(row: dict[str, Any]) -> str:
 
 def headline(rows: list[dict[str, Any]]) -> str:
     """The page's first line: how many cells behaved as their `expect` says, and which did not."""
+
     def label(r: dict[str, Any]) -> str:  # one cell can run on several backends
         return r["cell"] if r["where"] == "cpu" else f"{r['cell']} [{r['where']}]"
 
