@@ -398,7 +398,10 @@ def test_good_docker_settings_pass_and_the_matrix_refuses_bad_ones(tmp_path, mon
             "DYMU_DOCKER_BASE": "localhost:5000/team/debian-local:bookworm@sha256:" + "0" * 64,
             "DYMU_MODEL_DIR": str(tmp_path), "DYMU_BENCH_BATCH": "8", "OTHER": "ignored"}  # fmt: skip
     assert set(docker_env.check(good)) == set(good) - {"OTHER"}
-    assert set(docker_env.NAMES) | set(docker_env.RETIRED) == set(__import__("test_import_graph").ENV_VARS)
+    assert docker_env.check({**good, "DYMU_CI_TOOLS": "/tmp/tools"}).keys() == docker_env.check(good).keys()
+    assert set(docker_env.NAMES) | set(docker_env.RETIRED) | docker_env.NOT_DOCKER == set(
+        __import__("test_import_graph").ENV_VARS
+    )
     said: list[str] = []
     monkeypatch.setenv("DYMU_UID", "abc")
     assert orchestrate.main(["--set", "quick", "--backend", "docker"], log=said.append) == 2

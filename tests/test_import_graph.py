@@ -29,7 +29,8 @@ OPTIONAL = {"llava", "triton", "docker", "requests", "skimage", "matplotlib", "p
 # named only to refuse them with the fix)
 ENV_VARS = {"DYMU_CACHE", "DYMU_CA_CERT_FILE", "DYMU_UID", "DYMU_GID", "DYMU_DOCKER_BASE", "DYMU_MODEL_DIR",
             "DYMU_DATA_DIR", "DYMU_BENCH_MODEL", "DYMU_BENCH_DATA", "DYMU_BENCH_NEW_TOKENS", "DYMU_BENCH_BATCH",
-            "DYMU_DOCKER_GPUS", "DYMU_EXTRA_CA_CERT", "DYMU_DOCKER_CA_CERT"}  # fmt: skip
+            "DYMU_DOCKER_GPUS", "DYMU_EXTRA_CA_CERT", "DYMU_DOCKER_CA_CERT",
+            "DYMU_CI_TOOLS"}  # fmt: skip  # .ci/run's tools venv: named in docker_env only to let it pass
 GRAPH = build()
 
 

@@ -118,10 +118,15 @@ NAMES: dict[str, Callable[[str, str], str]] = {
 }
 
 
+# DYMU_* names that belong to the project's scripts, not to the Docker path: never refused here
+# (.ci/run reads DYMU_CI_TOOLS, the folder of its nox/uv venv)
+NOT_DOCKER = frozenset({"DYMU_CI_TOOLS"})
+
+
 def check(environ: Mapping[str, str]) -> dict[str, str]:
     """The DYMU_* variables that are set, each checked; DymuError (one line) for the first bad one."""
     found = {}
-    for name in sorted(k for k in environ if k.startswith("DYMU_")):
+    for name in sorted(k for k in environ if k.startswith("DYMU_") and k not in NOT_DOCKER):
         if name in RETIRED:
             raise DymuError(f"{name}: no longer read; {RETIRED[name]}")
         if name not in NAMES:
