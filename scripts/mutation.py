@@ -35,7 +35,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "generation": (["dymu/generation.py"], ["tests/test_families.py", "-k", f"{FAST} and not fidelity"]),
     "compat": (["dymu/compat/shims.py", "dymu/compat/registry.py"], ["tests/test_compat.py", "-k", FAST]),
     "matrix": (["dymu/matrix/outcome.py", "dymu/matrix/golden.py", "dymu/matrix/report.py"],
-               ["tests/test_matrix.py", "tests/test_golden.py", "-k",
+               ["tests/test_matrix.py", "tests/test_golden.py", "tests/test_report_page.py", "-k",
                 f"{FAST} and not interrupted_matrix_run"]),  # that one starts a whole matrix in a child
 }  # fmt: skip
 STATUSES = ("killed", "survived", "no tests", "timeout", "suspicious", "skipped", "not checked", "segfault")
