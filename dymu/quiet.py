@@ -14,3 +14,6 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    # the legacy package calls transformers with names transformers deprecates (`past_key_values`
+    # next to `cache`); those FutureWarnings carry the llava module's name: only they are dropped
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"llava(\.|$)")

@@ -121,3 +121,19 @@ def test_convert_refuses_a_bin_carrying_pickled_code(capsys, tmp_path, tiny_chec
     assert "cannot be read as plain tensors" in lines[0] and "refusing it" in lines[0]
     assert not dst.exists() and not list(tmp_path.glob("out*")), "no output directory, not even a partial one"
     assert not marker.exists(), "the pickled payload ran"
+
+
+def test_the_cli_drops_only_the_legacy_packages_future_warnings() -> None:
+    import warnings
+
+    from dymu.quiet import quiet_libraries
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_libraries()
+        for module, category in (("llava.model.language_model.llava_llama", FutureWarning),
+                                 ("llava_other_pkg", FutureWarning), ("dymu.generation", FutureWarning),
+                                 ("llava.model.builder", UserWarning)):  # fmt: skip
+            warnings.warn_explicit("planted", category, "x.py", 1, module=module)
+    assert sorted((w.category.__name__, w.filename) for w in seen) == [
+        ("FutureWarning", "x.py"), ("FutureWarning", "x.py"), ("UserWarning", "x.py")]  # fmt: skip

@@ -203,3 +203,23 @@ def test_patches_restored_undoes_what_the_patch_set_applied() -> None:
         legacy.apply_patch_set()
     after = legacy.patch_state()
     assert all(after[k] is before[k] for k in before), sorted(k for k in before if after[k] is not before[k])
+
+
+def test_missing_legacy_dependencies_are_named_all_at_once_with_one_command(monkeypatch) -> None:
+    """Every missing package in one line with one install command (llava-torch with --no-deps), not
+    one error per run."""
+    from dymu.compat import legacy
+
+    monkeypatch.setattr(legacy, "NEEDS", (("json", "json-is-here"), ("dymu_no_such_a", "pkg-a"),
+                                          ("dymu_no_such_b", "pkg-b")))  # fmt: skip
+    monkeypatch.setattr(legacy, "installed", lambda name: None)
+    assert legacy.missing_dependencies() == ["pkg-a", "pkg-b", "llava-torch"]
+    with pytest.raises(DymuError) as err:
+        legacy.import_legacy()
+    message = str(err.value)
+    assert (
+        "needs pkg-a, pkg-b, llava-torch: pip install pkg-a pkg-b && pip install --no-deps llava-torch"
+        in message
+    )
+    assert "\n" not in message and "json-is-here" not in message
+    assert legacy.install_command(["llava-torch"]).startswith("pip install --no-deps llava-torch==")

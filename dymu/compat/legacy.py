@@ -35,17 +35,41 @@ NEEDS = (("PIL", "pillow"), ("accelerate", "accelerate"), ("sentencepiece", "sen
 # ---------------------------------------------------------------- legacy-import
 
 
+def missing_dependencies() -> list[str]:
+    """Every package the legacy family needs that is not importable here, checked all at once
+    (a user fixes them in one go, not one error per run)."""
+    missing = []
+    for module, package in NEEDS:
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(package)
+    if installed("llava-torch") is None:
+        missing.append("llava-torch")
+    return missing
+
+
+def install_command(missing: list[str]) -> str:
+    """One shell command that installs `missing`: llava-torch goes in with --no-deps (its own pins
+    would downgrade torch and transformers), the rest normally."""
+    plain = [p for p in missing if p != "llava-torch"]
+    parts = [f"pip install {' '.join(plain)}"] if plain else []
+    if "llava-torch" in missing:
+        parts.append("pip install --no-deps llava-torch==1.2.2.post1")
+    return " && ".join(parts) + " (or pip install 'dymu[legacy]' for all but llava-torch)"
+
+
 def import_legacy() -> Any:
     """The package's model module, imported directly so the real error is reported.
 
     `llava/model/__init__.py` wraps its imports in a bare `try/except: pass`, so a missing
     dependency otherwise surfaces later as "cannot import name 'LlavaLlamaForCausalLM'".
     """
-    for module, package in NEEDS:
-        try:
-            __import__(module)
-        except ImportError:
-            raise DymuError(f"the legacy llava package needs {package}: pip install {package}") from None
+    missing = missing_dependencies()
+    if missing:
+        raise DymuError(
+            f"the legacy (liuhaotian) family needs {', '.join(missing)}: {install_command(missing)}"
+        )
     try:
         from llava.model.language_model import llava_llama  # noqa: PLC0415 - optional dependency
     except ModuleNotFoundError as err:
