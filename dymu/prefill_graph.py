@@ -25,7 +25,7 @@ from torch import nn
 
 from .cuda_graph import GraphCache
 from .options import DEFAULT, Options
-from .vtu import VtuOutput, additive_mask, head_dim, vtu_prefill
+from .vtu import VtuOutput, additive_mask, default_positions, head_dim, vtu_prefill
 
 BUCKET = 64  # rows and virtual length; at batch 1 the GEMMs are weight-bound, so 64 extra rows cost little
 _MAX_GRAPHS = 64  # per decoder: (row buckets) x (virtual-length buckets) seen in a run
@@ -100,13 +100,11 @@ def graphed_vtu_prefill(
 ) -> VtuOutput:
     """`vtu_prefill` with the same arguments, replayed from a CUDA graph per padded shape (eager
     off-GPU, or where capture fails: then with one warning)."""
-    bsz, n = idx.shape
-    if positions is None:
-        positions = torch.arange(n, device=idx.device)[None].expand(bsz, n)
+    positions = default_positions(idx) if positions is None else positions
     merged_p, idx_p, positions_p, mask_p, pad_u, pad_n = pad_inputs(merged_embeds, idx, positions, mask)
     config = decoder.config
     layers = len(decoder.layers)
-    total = idx_p.shape[1]
+    bsz, total = idx_p.shape
     shape = (layers, 2, bsz, config.num_key_value_heads, total, head_dim(config))
     state = _decoders.setdefault(decoder, _DecoderGraphs())
     buffer_key = (shape, merged_p.dtype, str(merged_p.device))

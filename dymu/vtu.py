@@ -129,6 +129,12 @@ def _layer(layer: nn.Module, x, rope: Rope, mask, config, remerge: Remerger):
     return x, k, v
 
 
+def default_positions(idx: torch.Tensor) -> torch.Tensor:
+    """RoPE positions 0..N-1 for every row of a (B, N) virtual sequence with no padding."""
+    bsz, n = idx.shape
+    return torch.arange(n, device=idx.device)[None].expand(bsz, n)
+
+
 @torch.no_grad()
 def vtu_prefill(
     decoder: nn.Module,
@@ -147,9 +153,7 @@ def vtu_prefill(
     causal, nothing padded; see `additive_mask`).
     """
     config = decoder.config
-    bsz, n = idx.shape
-    if positions is None:
-        positions = torch.arange(n, device=idx.device)[None].expand(bsz, n)
+    positions = default_positions(idx) if positions is None else positions
     x = merged_embeds
     remerge = Remerger(idx, merged_embeds.shape[1], merged_embeds.dtype, options.deterministic_remerge)
     hd = head_dim(config)
