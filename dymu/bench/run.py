@@ -221,12 +221,18 @@ def _eos_ids(model: DymuLlava) -> set[int]:
     return set(value) if isinstance(value, (list, tuple)) else ({value} if value is not None else set())
 
 
+def _graph_captures(model: DymuLlava) -> int:
+    """CUDA graphs captured so far for this model (tower and prefill): the difference over a batch
+    is what its timings paid for captures."""
+    return capture_count(model.parts.vision) + prefill_captures(model.parts.decoder)
+
+
 def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[Image.Image], cfg: BenchConfig,
               device: torch.device, batch_index: int) -> list[dict[str, Any]]:  # fmt: skip
     """One batch in one mode: stage edges, every step, counts and memory; one row per sample."""
     clock = StageClock(device)
     options = mode.options or model.options  # one mode's switches reach its tower, VTU and decode
-    captures = capture_count(model.parts.vision) + prefill_captures(model.parts.decoder)
+    captures = _graph_captures(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     clock.start()
@@ -253,7 +259,7 @@ def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[
     decode = decode_path(model.parts, options)[0]
     out = generate_prepared(model.parts, batch, cfg.max_new_tokens, options, **gen)
     clock.host_mark("end")
-    captures = capture_count(model.parts.vision) + prefill_captures(model.parts.decoder) - captures
+    captures = _graph_captures(model) - captures
     vision_ms, prefill_ms = clock.between("start", "vision"), clock.between("vision", "prefill")
     gaps = clock.step_gaps()
     eos, pad = _eos_ids(model), getattr(model.tokenizer, "pad_token_id", None)

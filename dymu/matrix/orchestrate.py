@@ -152,6 +152,12 @@ def is_fresh(previous: dict | None, code: str, cell: dict[str, Any]) -> bool:
                 and previous.get("cell_digest") == cell_digest(cell))  # fmt: skip
 
 
+def _pins_only(name: str, cell: dict[str, Any]) -> dict[str, Any]:
+    """A result for a cell whose runner wrote none (skipped, or died first): its pins, no stages."""
+    return {"schema": 1, "cell": name, "stages": {},
+            "versions": {key: cell[key] for key in ("python", "torch", "transformers")}}  # fmt: skip
+
+
 def run_one(backend: backends.Backend, name: str, cell: dict[str, Any], timeout: float,
             known: list[str]) -> dict[str, Any]:  # fmt: skip
     """Run one cell and write its final result. The runner writes only its own partial file, so a
@@ -163,8 +169,7 @@ def run_one(backend: backends.Backend, name: str, cell: dict[str, Any], timeout:
     log_path = backend.results.parent / "logs" / f"{name}.log"  # reports/logs, reports/docker/logs
     cannot = getattr(backend, "cannot_run", lambda cell: None)(cell)
     if cannot:  # e.g. no interpreter for the cell's Python here: skipped with the reason, not failed
-        result = {"schema": 1, "cell": name, "status": "skipped", "skip_reason": cannot, "stages": {},
-                  "versions": {"python": cell["python"], "torch": cell["torch"], "transformers": cell["transformers"]},
+        result = {**_pins_only(name, cell), "status": "skipped", "skip_reason": cannot,
                   "expected": cell.get("expect", "pass"), "as_expected": True, "runner_started": False,
                   "cell_digest": cell_digest(cell), "duration_s": 0.0}  # fmt: skip
         write_text_atomic(out, json.dumps(result, indent=1) + "\n")
@@ -178,8 +183,7 @@ def run_one(backend: backends.Backend, name: str, cell: dict[str, Any], timeout:
         failure_class, signature = outcome.classify(run.returncode, text, run.timed_out, run.oom_killed,
                                                     runner_started=started_runner, interrupted=run.interrupted,
                                                     refused=run.refused)  # fmt: skip
-        result = result or {"schema": 1, "cell": name, "stages": {},
-                            "versions": {"torch": cell["torch"], "transformers": cell["transformers"]}}  # fmt: skip
+        result = result or _pins_only(name, cell)
         result.update(status="fail", failure={
             "class": failure_class, "signature": signature,
             "known": any(re.search(k, signature) for k in known), "log_tail": text[-3000:],
@@ -310,7 +314,7 @@ def _run_members(data: dict[str, Any], members: list[str], backend: backends.Bac
         log(f"cell {name}: python {cell['python']}, torch {cell['torch']} + transformers {cell['transformers']} "
             f"({backend.name}) ...")  # fmt: skip
         started = time.time()
-        gpus = getattr(args, "gpu_pool", None)
+        gpus = args.gpu_pool
         ids = gpus.take() if gpus else None
         try:
             result = run_one(backend, name, {**cell, "gpu_ids": ids} if ids else cell, args.timeout, known)
