@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import warnings
 
 import pytest
 import torch
 
 from dymu.cli import main
+from dymu.quiet import quiet_libraries
+from dymu.testing.sample_images import make_sample_images
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -57,7 +60,6 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, tiny_checkpoints, ca
     dirs = _bad_dirs(tmp_path)
     good_model = str(tiny_checkpoints["llava-hf-tiny-safetensors"])
     good_image = str(tmp_path / "ok.png")
-    from dymu.testing.sample_images import make_sample_images
 
     make_sample_images(1)[0].save(good_image)
     model = {"missing": str(tmp_path / "nope"), "image": good_model}.get(case, str(dirs.get(case, "")))
@@ -124,9 +126,6 @@ def test_convert_refuses_a_bin_carrying_pickled_code(capsys, tmp_path, tiny_chec
 
 
 def test_the_cli_drops_only_the_legacy_packages_future_warnings() -> None:
-    import warnings
-
-    from dymu.quiet import quiet_libraries
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

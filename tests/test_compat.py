@@ -208,7 +208,6 @@ def test_patches_restored_undoes_what_the_patch_set_applied() -> None:
 def test_missing_legacy_dependencies_are_named_all_at_once_with_one_command(monkeypatch) -> None:
     """Every missing package in one line with one install command (llava-torch with --no-deps), not
     one error per run."""
-    from dymu.compat import legacy
 
     monkeypatch.setattr(legacy, "NEEDS", (("json", "json-is-here"), ("dymu_no_such_a", "pkg-a"),
                                           ("dymu_no_such_b", "pkg-b")))  # fmt: skip

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import dymu
-from dymu.compat.shims import cache_length, cache_tensors
-from dymu.generation import generate_prepared, prepare, stock_prepare
+from dymu import families, generation
+from dymu.compat.shims import cache_length, cache_tensors, static_cache_supported
+from dymu.generation import decode_path, generate_prepared, prepare, stock_prepare
+from dymu.options import Options
 from dymu.versions import installed
 
 QUESTIONS = ["What is this?", "Describe the picture in detail, please.", "Colours?"]
@@ -104,9 +106,6 @@ def test_batched_generation_equals_one_at_a_time(tiny_checkpoints, images, calib
 def test_static_decode_gives_the_dynamic_decodes_greedy_tokens(
     tiny_checkpoints, images, calibrated, family
 ) -> None:
-    from dymu.compat.shims import static_cache_supported
-    from dymu.generation import decode_path, stock_prepare
-    from dymu.options import Options
 
     model = dymu.load(_path(tiny_checkpoints, family), thresholds=calibrated)
     if static_cache_supported(model.model):
@@ -144,7 +143,6 @@ def test_a_prompt_needs_exactly_one_image(tiny_checkpoints, family) -> None:
 
 
 def test_the_family_is_decided_once_from_the_config(tiny_checkpoints) -> None:
-    from dymu import families
 
     assert families.detect(tiny_checkpoints["llava-hf-tiny-safetensors"]).name == "hf"
     assert families.detect(tiny_checkpoints["llava-v1.5-tiny-bin"]).name == "legacy"
@@ -205,9 +203,6 @@ def test_the_static_cache_is_reused_and_refilled_across_calls(
 ) -> None:
     """Consecutive static decodes of different prompts (lengths in one bucket) reuse one cache, reset
     and refilled: each gives the dynamic decode's tokens, so nothing of the previous call leaks."""
-    from dymu import generation
-    from dymu.compat.shims import static_cache_supported
-    from dymu.options import Options
 
     model = dymu.load(_path(tiny_checkpoints, family), thresholds=calibrated)
     if static_cache_supported(model.model):

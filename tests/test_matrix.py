@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import pathlib
 import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
-from dymu.matrix import cells, outcome, report
+from dymu.matrix import backends, cells, orchestrate, outcome, report
+from dymu.matrix.backends import only_gpus
+from dymu.matrix.runner import failure_summary
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -172,7 +180,6 @@ def test_report_shows_the_full_size_stage_of_gpu_cells(tmp_path) -> None:
 
 
 def test_outcome_names_the_class_and_whether_the_signature_is_known() -> None:
-    from dymu.matrix.runner import failure_summary
 
     assert outcome.outcome({"status": "pass"}) == "pass"
     mask_error = "AttributeError: 'LlamaModel' object has no attribute '_update_causal_mask'"
@@ -191,9 +198,6 @@ def test_outcome_names_the_class_and_whether_the_signature_is_known() -> None:
 
 
 def test_backend_is_picked_by_name_and_runs_a_logged_process_with_a_timeout(tmp_path) -> None:
-    import sys
-
-    from dymu.matrix import backends
 
     assert isinstance(backends.get_backend("local", tmp_path), backends.LocalBackend)
     with pytest.raises(ValueError, match="available: docker, local"):
@@ -226,7 +230,6 @@ def test_fault_keys_reach_the_runner_as_arguments() -> None:
 
 
 def test_matrix_selects_sets_and_cells_and_refuses_unknown_ones(capsys) -> None:
-    from dymu.matrix import orchestrate
 
     data = cells.load()
     assert orchestrate.select(data, "quick", None) == data["sets"]["quick"]
@@ -240,8 +243,6 @@ def test_matrix_selects_sets_and_cells_and_refuses_unknown_ones(capsys) -> None:
 
 def test_the_matrix_package_imports_without_torch() -> None:
     """nox's interpreter runs the matrix loop, the report and the cell list with no torch installed."""
-    import subprocess
-    import sys
 
     code = ("import sys; import dymu.matrix.orchestrate, dymu.matrix.report, dymu.matrix.runner, dymu.matrix.junit; "
             "sys.exit(('torch' in sys.modules) + 2 * ('transformers' in sys.modules))")  # fmt: skip
@@ -249,11 +250,6 @@ def test_the_matrix_package_imports_without_torch() -> None:
 
 
 def test_a_hung_cell_is_killed_with_its_whole_process_group(tmp_path) -> None:
-    import os
-    import sys
-    import time
-
-    from dymu.matrix import backends
 
     pidfile = tmp_path / "child.pid"
     code = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
@@ -273,9 +269,6 @@ def test_a_hung_cell_is_killed_with_its_whole_process_group(tmp_path) -> None:
 
 
 def test_a_real_memory_limit_is_classed_oom(tmp_path) -> None:
-    import sys
-
-    from dymu.matrix import backends
 
     code = "import resource; resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20)); x = bytearray(2 << 30)"
     run = backends.run_logged([sys.executable, "-c", code], tmp_path / "log", 60, tmp_path)
@@ -286,10 +279,6 @@ def test_a_real_memory_limit_is_classed_oom(tmp_path) -> None:
 
 
 def test_a_second_matrix_run_on_one_checkout_is_refused(tmp_path) -> None:
-    import subprocess
-    import sys
-
-    from dymu.matrix import orchestrate
 
     (tmp_path / "reports").mkdir()
     with orchestrate.checkout_lock(tmp_path):  # this process holds it; another process must not get it
@@ -305,7 +294,6 @@ def test_a_second_matrix_run_on_one_checkout_is_refused(tmp_path) -> None:
 
 
 def test_freshness_follows_the_whole_cell_definition() -> None:
-    from dymu.matrix import orchestrate
 
     cell = cells.load()["cells"]["latest"]
     result = {"code": "c", "status": "pass", "cell_digest": orchestrate.cell_digest(cell)}
@@ -323,7 +311,6 @@ def test_unsafe_cell_names_are_refused(name) -> None:
 
 
 def test_matrix_arguments_and_files_fail_in_one_line(tmp_path, monkeypatch) -> None:
-    from dymu.matrix import orchestrate
 
     said = []
     assert orchestrate.main(["--timeout", "abc"], log=said.append) == 2
@@ -343,10 +330,6 @@ def test_report_of_a_folder_without_results_says_so(tmp_path, capsys) -> None:
 
 def test_cells_run_side_by_side_with_jobs(tmp_path, monkeypatch) -> None:
     """--jobs N runs N cells at once: two 1.5 s cells take about 1.5 s, not 3 (a stand-in backend)."""
-    import threading
-    import time
-
-    from dymu.matrix import backends, orchestrate
 
     running, peak = [0], [0]
     lock = threading.Lock()
@@ -406,11 +389,6 @@ def test_an_interrupted_matrix_run_leaves_no_process_and_records_the_cell_as_int
 ) -> None:
     """A whole matrix run (orchestrate.main in its own process and session, a stand-in cell that
     is a real process group in mid-run) gets SIGINT (Ctrl-C) or SIGTERM (a cancelled CI job)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
     root, pids = tmp_path / "root", tmp_path / "pids"
     root.mkdir()
@@ -485,9 +463,6 @@ os.kill(os.getpid(), signal.SIGKILL)
     ],
 )
 def test_an_expected_crash_needs_evidence_that_the_runner_started(tmp_path, mode, cls, as_expected) -> None:
-    import sys
-
-    from dymu.matrix import backends, orchestrate
 
     class Scripted:
         name = "scripted"
@@ -511,7 +486,6 @@ def test_an_expected_crash_needs_evidence_that_the_runner_started(tmp_path, mode
 
 
 def test_runner_evidence_must_name_the_cell_and_its_start() -> None:
-    from dymu.matrix import orchestrate
 
     good = {"cell": "a", "started": "2025-01-01T00:00:00+00:00", "status": "running"}
     assert orchestrate.runner_evidence(good, "a") == good
@@ -521,9 +495,6 @@ def test_runner_evidence_must_name_the_cell_and_its_start() -> None:
 
 
 def test_a_stale_partial_file_is_no_evidence(tmp_path) -> None:
-    import os
-
-    from dymu.matrix import orchestrate
 
     partial = tmp_path / "x.runner.json"
     partial.write_text(json.dumps({"cell": "x", "started": "then", "status": "running"}))
@@ -560,7 +531,6 @@ def test_base_image_digests_are_checked_and_used(tmp_path) -> None:
 def test_a_cell_whose_python_is_missing_here_is_skipped_with_the_reason(tmp_path, monkeypatch) -> None:
     """The local backend needs the cell's own interpreter: without it the cell is `skipped` (with the
     reason, in the result and the report), never run on another Python and never a failure."""
-    from dymu.matrix import backends, orchestrate
 
     local = backends.LocalBackend(tmp_path)
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
@@ -606,10 +576,6 @@ def test_a_cell_whose_python_is_missing_here_is_skipped_with_the_reason(tmp_path
 def test_gpus_per_cell_gives_running_cells_their_own_gpus(tmp_path, monkeypatch) -> None:
     """--jobs 3 --gpus-per-cell 1 on two GPUs: at most two cells run at once, never on one GPU, and
     each result records the GPU it had (a stand-in backend that holds each cell for 0.6 s)."""
-    import threading
-    import time
-
-    from dymu.matrix import backends, orchestrate
 
     seen, lock = [], threading.Lock()
 
@@ -660,7 +626,6 @@ def test_gpus_per_cell_gives_running_cells_their_own_gpus(tmp_path, monkeypatch)
 
 
 def test_gpus_per_cell_refuses_what_it_cannot_give(monkeypatch) -> None:
-    from dymu.matrix import orchestrate
 
     said: list[str] = []
     for argv, words in ((["--gpus-per-cell", "2", "--gpu-ids", "0"], "has 1 GPU"),
@@ -675,9 +640,6 @@ def test_gpus_per_cell_refuses_what_it_cannot_give(monkeypatch) -> None:
 
 
 def test_a_local_cell_sees_only_its_own_gpus(tmp_path, monkeypatch) -> None:
-    import sys
-
-    from dymu.matrix import backends
 
     log = tmp_path / "env.log"
     show = [sys.executable, "-c", "import os; print(os.environ.get('CUDA_VISIBLE_DEVICES'))"]
@@ -694,7 +656,6 @@ def test_a_local_cell_sees_only_its_own_gpus(tmp_path, monkeypatch) -> None:
 
 
 def test_a_docker_cell_gets_only_its_own_gpus() -> None:
-    from dymu.matrix.backends import only_gpus
 
     nvidia = {"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}
     assert only_gpus(nvidia, ["1"]) == {"driver": "nvidia", "device_ids": ["1"], "capabilities": [["gpu"]]}

@@ -8,9 +8,11 @@ import pathlib
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import dymu
 from dymu import DymuError
+from dymu.thresholds import save_thresholds, threshold_metadata, validate_thresholds
 
 
 class _Evil:
@@ -87,7 +89,6 @@ def test_safetensors_and_json_round_trip(tmp_path: pathlib.Path) -> None:
     tau = torch.tensor([0.91, 0.8, 0.75, math.inf])
     path = dymu.save_thresholds(tmp_path / "t.safetensors", tau, target_tokens=16, source_model="tiny")
     assert torch.equal(dymu.load_thresholds(path), tau)
-    from dymu.thresholds import threshold_metadata
 
     meta = threshold_metadata(path)
     assert meta["target_tokens"] == "16" and meta["source_model"] == "tiny"
@@ -144,7 +145,6 @@ def test_a_refused_pth_names_the_loaders_first_line_or_its_error_type(
 
 
 def test_safetensors_and_json_refusals_say_what_is_missing(tmp_path: pathlib.Path) -> None:
-    from safetensors.torch import save_file
 
     other = tmp_path / "other.safetensors"
     save_file({"weights": torch.ones(2)}, str(other))
@@ -156,7 +156,6 @@ def test_safetensors_and_json_refusals_say_what_is_missing(tmp_path: pathlib.Pat
 
 
 def test_the_valid_domain_is_exactly_minus_one_to_one_or_inf() -> None:
-    from dymu.thresholds import validate_thresholds
 
     ok = validate_thresholds(torch.tensor([-1.0, 1.0, math.inf]), "edges", num_layers=3)
     assert ok.tolist() == [-1.0, 1.0, math.inf]
@@ -175,7 +174,6 @@ def test_the_valid_domain_is_exactly_minus_one_to_one_or_inf() -> None:
 
 
 def test_our_files_keep_their_metadata(tmp_path: pathlib.Path) -> None:
-    from dymu.thresholds import save_thresholds, threshold_metadata
 
     path = save_thresholds(tmp_path / "t.safetensors", torch.tensor([0.5, math.inf]), target_tokens=72)
     assert threshold_metadata(path)["target_tokens"] == "72"
