@@ -95,14 +95,26 @@ def _cell(name: str, status: str, needed: str, negative: str, **extra) -> dict:
     }  # fmt: skip
 
 
+def _failed(name: str, cls: str, signature: str, expected: str = "pass", known: bool = False) -> dict:
+    """A cell result that failed as `cls`; as the matrix records it, it is as expected exactly when
+    its outcome (`cls`, `/known` added for a documented signature) is its `expect`."""
+    failure = {"class": cls, "signature": signature, "known": known}
+    return {"cell": name, "status": "fail", "expected": expected, "failure": failure,
+            "as_expected": cls + ("/known" if known else "") == expected}  # fmt: skip
+
+
+def _write_cells(folder: pathlib.Path, results: dict[str, dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, cell in results.items():
+        (folder / f"{name}.json").write_text(json.dumps(cell))
+
+
 def test_report_renders_verdicts_and_flags_unexpected(tmp_path) -> None:
     folder = tmp_path / "cells"
     folder.mkdir()
     (folder / "good.json").write_text(json.dumps(_cell("good", "pass", "yes", "failed as documented")))
     (folder / "bad.json").write_text(json.dumps(_cell("bad", "fail", "yes", "did not fail")))
-    killed = {"cell": "killed", "status": "fail", "expected": "crash", "as_expected": True,
-              "failure": {"class": "crash", "signature": "killed (SIGKILL)", "known": False}}  # fmt: skip
-    (folder / "killed.json").write_text(json.dumps(killed))
+    (folder / "killed.json").write_text(json.dumps(_failed("killed", "crash", "killed (SIGKILL)", "crash")))
     (folder / "torn.json").write_text("{not json")
     data = report.build(tmp_path)
     rows = {r["cell"]: r for r in data["summary"]}
@@ -133,20 +145,13 @@ def _status_cells(folder) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
 def test_an_expected_failure_renders_as_expected_not_as_pass_or_failure(tmp_path) -> None:
     """A broken cell that fails as its `expect` says reads `expected <outcome>` (yellow in HTML):
     not `pass`, not the red failure an unforeseen outcome gets."""
-    folder = tmp_path / "cells"
-    folder.mkdir()
-    known = {"class": "stage-failure", "signature": "AttributeError: no _update_causal_mask", "known": True}
-    rows = {
+    _write_cells(tmp_path / "cells", {
         "good": _cell("good", "pass", "yes", "failed as documented"),
-        "no-mask": {"cell": "no-mask", "status": "fail", "expected": "stage-failure/known", "as_expected": True,
-                    "failure": known},
-        "killed": {"cell": "killed", "status": "fail", "expected": "crash", "as_expected": True,
-                   "failure": {"class": "crash", "signature": "killed (SIGKILL)", "known": False}},
-        "surprise": {"cell": "surprise", "status": "fail", "expected": "pass", "as_expected": False,
-                     "failure": {"class": "crash", "signature": "Segfault", "known": False}},
-    }  # fmt: skip
-    for name, cell in rows.items():
-        (folder / f"{name}.json").write_text(json.dumps(cell))
+        "no-mask": _failed("no-mask", "stage-failure", "AttributeError: no _update_causal_mask",
+                           "stage-failure/known", known=True),
+        "killed": _failed("killed", "crash", "killed (SIGKILL)", "crash"),
+        "surprise": _failed("surprise", "crash", "Segfault"),
+    })  # fmt: skip
     report.build(tmp_path)
     md, page = _status_cells(tmp_path)
     assert md == {"good": "pass", "no-mask": "expected stage-failure/known", "killed": "expected crash",

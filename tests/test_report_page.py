@@ -3,14 +3,13 @@ page rendered by a real headless browser (a screenshot, and no console errors)."
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageStat
-from test_matrix import _cell
+from test_matrix import _cell, _failed, _write_cells
 
 from dymu.matrix import report
 
@@ -22,19 +21,12 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--dis
 def _matrix(tmp_path: Path) -> Path:
     """A reports folder with a pass, an expected crash, an unexpected failure with its log, and an
     unexpected failure without one."""
-    cells = tmp_path / "cells"
-    cells.mkdir()
-    results = {
+    _write_cells(tmp_path / "cells", {
         "good": _cell("good", "pass", "yes", "failed as documented"),
-        "killed": {"cell": "killed", "status": "fail", "expected": "crash", "as_expected": True,
-                   "failure": {"class": "crash", "signature": "killed by signal 9", "known": False}},
-        "bad": {"cell": "bad", "status": "fail", "expected": "pass", "as_expected": False,
-                "failure": {"class": "stage-failure", "signature": "TypeError: <boom> & co", "known": False}},
-        "lost": {"cell": "lost", "status": "fail", "expected": "pass", "as_expected": False,
-                 "failure": {"class": "timeout", "signature": "", "known": False}},
-    }  # fmt: skip
-    for name, cell in results.items():
-        (cells / f"{name}.json").write_text(json.dumps(cell))
+        "killed": _failed("killed", "crash", "killed by signal 9", "crash"),
+        "bad": _failed("bad", "stage-failure", "TypeError: <boom> & co"),
+        "lost": _failed("lost", "timeout", ""),
+    })  # fmt: skip
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "bad.log").write_text("the log of bad\n")
     report.build(tmp_path)
