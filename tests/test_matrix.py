@@ -333,36 +333,48 @@ def test_report_of_a_folder_without_results_says_so(tmp_path, capsys) -> None:
     assert "no cell results" in capsys.readouterr().err and not (tmp_path / "nonexistent").exists()
 
 
+class _Holding:
+    """A stand-in backend: each cell holds `seconds`, then fails with a planted error; every cell's
+    (name, GPU ids, start, end) is recorded, so a test sees what ran at the same time."""
+
+    name = "holding"
+
+    def __init__(self, results: pathlib.Path, seconds: float) -> None:
+        self.results, self.seconds = results, seconds
+        self.seen: list[tuple[str, tuple[str, ...], float, float]] = []
+        self._lock = threading.Lock()
+
+    def unavailable(self):
+        return None
+
+    def run_cell(self, name, cell, log_path, timeout):
+        start = time.monotonic()
+        time.sleep(self.seconds)
+        with self._lock:
+            self.seen.append((name, tuple(cell.get("gpu_ids") or ()), start, time.monotonic()))
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("boom\nRuntimeError: planted\n")
+        return backends.CellRun(1, False)
+
+    def most_at_once(self) -> int:
+        return max(sum(1 for *_, s, e in self.seen if s <= t < e) for *_, t, _ in self.seen)
+
+
+def _run_holding(tmp_path, monkeypatch, seconds: float, argv: list[str]) -> _Holding:
+    """orchestrate.main with every cell a `_Holding` stand-in (reports under tmp_path)."""
+    holding = _Holding(tmp_path / "reports" / "cells", seconds)
+    monkeypatch.setattr(orchestrate, "ROOT", tmp_path)
+    monkeypatch.setattr(backends, "get_backend", lambda name, root, **kw: holding)
+    monkeypatch.setattr(orchestrate.report, "build", lambda reports: {"summary": []})
+    assert orchestrate.main(argv, log=lambda line: None) == 0
+    return holding
+
+
 def test_cells_run_side_by_side_with_jobs(tmp_path, monkeypatch) -> None:
     """--jobs N runs N cells at once: two 1.5 s cells take about 1.5 s, not 3 (a stand-in backend)."""
-
-    running, peak = [0], [0]
-    lock = threading.Lock()
-
-    class Sleepy:
-        name = "sleepy"
-        results = tmp_path / "reports" / "cells"
-
-        def unavailable(self):
-            return None
-
-        def run_cell(self, name, cell, log_path, timeout):
-            with lock:
-                running[0] += 1
-                peak[0] = max(peak[0], running[0])
-            time.sleep(1.5)
-            with lock:
-                running[0] -= 1
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            log_path.write_text("boom\nRuntimeError: planted")
-            return backends.CellRun(1, False)
-
-    monkeypatch.setattr(orchestrate, "ROOT", tmp_path)
-    monkeypatch.setattr(backends, "get_backend", lambda name, root: Sleepy())
-    monkeypatch.setattr(orchestrate.report, "build", lambda reports: {"summary": []})
     started = time.time()
-    assert orchestrate.main(["--set", "quick", "--jobs", "2", "--force"], log=lambda line: None) == 0
-    assert peak[0] == 2 and time.time() - started < 2.9
+    holding = _run_holding(tmp_path, monkeypatch, 1.5, ["--set", "quick", "--jobs", "2", "--force"])
+    assert holding.most_at_once() == 2 and time.time() - started < 2.9
     results = sorted(p.name for p in (tmp_path / "reports" / "cells").glob("*.json"))
     assert results == sorted(f"{n}.json" for n in cells.load()["sets"]["quick"])
 
@@ -581,28 +593,6 @@ def test_a_cell_whose_python_is_missing_here_is_skipped_with_the_reason(tmp_path
 def test_gpus_per_cell_gives_running_cells_their_own_gpus(tmp_path, monkeypatch) -> None:
     """--jobs 3 --gpus-per-cell 1 on two GPUs: at most two cells run at once, never on one GPU, and
     each result records the GPU it had (a stand-in backend that holds each cell for 0.6 s)."""
-
-    seen, lock = [], threading.Lock()
-
-    class Holding:
-        name = "holding"
-        results = tmp_path / "reports" / "cells"
-
-        def unavailable(self):
-            return None
-
-        def run_cell(self, name, cell, log_path, timeout):
-            start = time.monotonic()
-            time.sleep(0.6)
-            with lock:
-                seen.append((name, tuple(cell["gpu_ids"]), start, time.monotonic()))
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            log_path.write_text("RuntimeError: planted\n")
-            return backends.CellRun(1, False)
-
-    monkeypatch.setattr(orchestrate, "ROOT", tmp_path)
-    monkeypatch.setattr(backends, "get_backend", lambda name, root, **kw: Holding())
-    monkeypatch.setattr(orchestrate.report, "build", lambda reports: {"summary": []})
     argv = [
         "--cells",
         "reference,latest,seed",
@@ -614,15 +604,15 @@ def test_gpus_per_cell_gives_running_cells_their_own_gpus(tmp_path, monkeypatch)
         "0,1",
         "--force",
     ]
-    assert orchestrate.main(argv, log=lambda line: None) == 0
+    holding = _run_holding(tmp_path, monkeypatch, 0.6, argv)
+    seen = holding.seen
     assert sorted(n for n, *_ in seen) == ["latest", "reference", "seed"] and all(
         len(g) == 1 for _, g, *_ in seen
     )
     for a, b in itertools.combinations(seen, 2):
         if a[2] < b[3] and b[2] < a[3]:  # ran at the same time
             assert a[1] != b[1], (a, b)
-    overlapping = max(sum(1 for _, _, s, e in seen if s <= t < e) for _, _, t, _ in seen)
-    assert overlapping == 2
+    assert holding.most_at_once() == 2
     written = {n: json.loads((tmp_path / "reports" / "cells" / f"{n}.json").read_text()) for n, *_ in seen}
     assert all(written[n]["gpu_ids"] == list(g) for n, g, *_ in seen)
     assert orchestrate.cell_digest({"python": "3.11", "gpu_ids": ["1"]}) == orchestrate.cell_digest(
