@@ -40,7 +40,8 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
                ["tests/test_shims.py", "tests/test_compat.py", "-k",
                 f"{FAST} and not fix_holds_and and not check_all_reports and not disabling_the_causal"]),
     "matrix": (["dymu/matrix/outcome.py", "dymu/matrix/golden.py", "dymu/matrix/report.py"],
-               ["tests/test_matrix.py", "tests/test_golden.py", "tests/test_report_page.py", "-k",
+               ["tests/test_matrix.py", "tests/test_matrix_verdicts.py", "tests/test_golden.py",
+                "tests/test_report_page.py", "-k",
                 f"{FAST} and not interrupted_matrix_run"]),  # that one starts a whole matrix in a child
 }  # fmt: skip
 STATUSES = ("killed", "survived", "no tests", "timeout", "suspicious", "skipped", "not checked", "segfault")

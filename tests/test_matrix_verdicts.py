@@ -1,0 +1,139 @@
+"""The functions that decide a cell's verdict, edge by edge: `outcome.classify` (how a cell that left
+no result ended) and `outcome.outcome`, and the golden comparison's helpers (`compare`,
+`case_family`, `load_golden`). Fast and model-free (the matrix mutation group runs them per mutant)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from dymu.matrix import outcome
+from dymu.matrix.golden import RECORDED, SAME_AS, case_family, compare, expected, load_golden
+from dymu.testing.tiny import NOBOS
+
+# ---------------------------------------------------------------- outcome.classify
+
+
+def test_interrupted_wins_over_every_other_ending() -> None:
+    got = outcome.classify(-9, "MemoryError", True, oom_killed=True, runner_started=False, interrupted=True,
+                           refused=("gpu-missing", "no GPU"))  # fmt: skip
+    assert got == ("interrupted", "the matrix run was interrupted and killed this cell")
+
+
+def test_an_empty_log_gives_an_empty_signature() -> None:
+    assert outcome.classify(None, "", True) == ("timeout", "")
+    assert outcome.classify(1, "\n  \n", False) == ("crash", "")
+
+
+def test_the_signature_is_read_from_the_last_40_non_blank_lines() -> None:
+    early = "ValueError: too early to count"
+    log = "\n".join([early, *(f"noise {i}" for i in range(40))])
+    assert outcome.classify(1, log, False) == ("crash", "noise 39")
+    assert outcome.classify(1, "\n".join([early, *(f"noise {i}" for i in range(39))]), False) == (
+        "crash",
+        early,
+    )
+    assert outcome.classify(1, "Error: early\n" + "\n".join(f"step {i}" for i in range(40)), False,
+                            runner_started=False) == ("install-failure", "step 39")  # fmt: skip
+    assert outcome.classify(None, "last words  \n\n   \n", True) == ("timeout", "last words")
+
+
+def test_an_oom_kill_without_a_message_says_so() -> None:
+    assert outcome.classify(-9, "loading", False, oom_killed=True) == (
+        "oom",
+        "killed by the kernel's OOM killer",
+    )
+    assert outcome.classify(1, "a\ntorch.OutOfMemoryError: CUDA out of memory.\nb", False) == (
+        "oom", "torch.OutOfMemoryError: CUDA out of memory."
+    )  # fmt: skip
+
+
+def test_an_install_failure_names_its_last_error_line_in_any_case() -> None:
+    log = "Resolving\nERROR: No matching distribution found for torch==9.9\nexit status 1"
+    assert outcome.classify(1, log, False, runner_started=False) == (
+        "install-failure", "ERROR: No matching distribution found for torch==9.9"
+    )  # fmt: skip
+    assert outcome.classify(1, "Resolving\nexit status 1", False, runner_started=False) == (
+        "install-failure", "exit status 1"
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("code", "signal"), [(-1, 1), (-9, 9), (129, 1), (137, 9)])
+def test_signal_deaths_from_either_exit_code_convention(code: int, signal: int) -> None:
+    assert outcome.classify(code, "ValueError: shadowed by the signal", False) == (
+        "crash",
+        f"killed by signal {signal}",
+    )
+
+
+@pytest.mark.parametrize("code", [0, 1, 128, None])
+def test_other_exit_codes_crash_with_the_last_exception_line(code: int | None) -> None:
+    log = "Traceback\nValueError: first\n  File x\nKeyError: 'last'\noserror: not an exception name\ndone"
+    assert outcome.classify(code, log, False) == ("crash", "KeyError: 'last'")
+    assert outcome.classify(code, "step\ndone", False) == ("crash", "done")
+
+
+# ---------------------------------------------------------------- outcome.outcome
+
+
+def test_outcome_defaults_for_a_result_without_status_or_class() -> None:
+    assert outcome.outcome({}) == "?"
+    assert outcome.outcome({"status": "fail", "failure": {}}) == "fail"  # an empty failure counts as none
+    assert outcome.outcome({"status": "fail", "failure": {"known": False, "signature": "x"}}) == "fail"
+    assert outcome.outcome({"status": "fail", "failure": {"known": True, "signature": "x"}}) == "fail/known"
+
+
+# ---------------------------------------------------------------- golden
+
+
+def _entry(logits: list[list[float]]) -> dict:
+    task = {"accuracy": 0.5, "answer_ids": [[1, 2]]}
+    return {"prompt_ids": [[1]], "visual_tokens": [3], "tokens_per_layer": [[4]], "mappings": [[0]],
+            "greedy_ids": [[5]], "top_ids": [[6]], "top_logits": logits,
+            "task": {"stock": dict(task), "dymu": dict(task)}}  # fmt: skip
+
+
+def test_compare_flags_a_logit_drift_only_above_the_tolerance() -> None:
+    want = _entry([[4.0, 3.0], [2.0, 1.0]])
+    assert compare(_entry([[4.0, 3.0], [2.0, 1.5]]), want, 0.5) == []  # exactly atol passes
+    assert compare(_entry([[4.0, 3.0], [2.0, 1.75]]), want, 0.5) == ["top_logits off by 0.75 > atol 0.5"]
+    assert compare(_entry([]), _entry([]), 0.0) == []  # nothing to compare: no drift
+
+
+def test_compare_refuses_logit_tables_of_different_shapes() -> None:
+    want = _entry([[4.0, 3.0], [2.0, 1.0]])
+    for got in ([[4.0, 3.0]], [[4.0, 3.0], [2.0]]):
+        with pytest.raises(ValueError):
+            compare(_entry(got), want, 1.0)
+
+
+def test_compare_names_each_differing_field_and_task_mode() -> None:
+    want = _entry([[1.0]])
+    got = _entry([[1.0]])
+    got["greedy_ids"] = [[9]]
+    got["task"]["dymu"] = {"accuracy": 0.25, "answer_ids": [[3]]}
+    assert compare(got, want, 0.0) == [
+        "greedy_ids differ", "task accuracy (dymu) 0.250, golden 0.500", "task answers (dymu) differ"
+    ]  # fmt: skip
+
+
+def test_case_family_and_the_variant_each_case_is_compared_with() -> None:
+    assert [case_family(c) for c in RECORDED] == ["hf", "hf", "legacy", "legacy"]
+    assert case_family(NOBOS) == "legacy"
+    golden = {"cases": {case: {"case": case} for case in RECORDED}}
+    assert expected(golden, NOBOS) == {"case": SAME_AS[NOBOS]} and expected(golden, RECORDED[1]) == {
+        "case": RECORDED[1]
+    }
+
+
+def test_load_golden_turns_stored_infinities_back_into_floats(tmp_path) -> None:
+    path = tmp_path / "golden.json"
+    path.write_text(
+        json.dumps({"about": "café", "thresholds": [0.5, "inf", 2], "cases": {}}), encoding="utf-8"
+    )
+    data = load_golden(path)
+    assert data["thresholds"][0] == 0.5 and math.isinf(data["thresholds"][1]) and data["thresholds"][2] == 2.0
+    assert all(type(t) is float for t in data["thresholds"])
+    assert data["about"] == "café" and data["cases"] == {} and set(data) == {"about", "thresholds", "cases"}
