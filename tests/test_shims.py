@@ -156,6 +156,19 @@ def test_cache_length_is_the_first_layers_token_count() -> None:
     length = shims.cache_length(tuple(zip(keys, values, strict=True)))
     assert length == 5 and type(length) is int
     assert shims.cache_length(shims.new_cache(SimpleNamespace(), keys, values)) == 5
+    assert shims.cache_length(((keys[0], values[0]),)) == 5  # a one-layer decoder
+
+
+def test_static_cache_of_a_one_layer_decoder(monkeypatch) -> None:
+    monkeypatch.setattr(shims, "StaticCache", _RecordingStaticCache)
+    keys, values = _kv(layers=1, bsz=3, n=4)
+    for taken in (("static-cache",), ()):
+        _taking(monkeypatch, *taken)
+        cache = shims.static_cache(None, keys, values, max_len=8)
+        assert cache.built["max_cache_len"] == 8 and cache.built.get("max_batch_size", 3) == 3
+        ((k, v, layer, kwargs),) = cache.updates
+        assert k is keys[0] and v is values[0] and layer == 0
+        assert torch.equal(kwargs["cache_position"], torch.arange(4))
 
 
 # ---------------------------------------------------------------- static-cache
@@ -346,6 +359,24 @@ def test_causal_mask_of_this_stacks_decoder_is_causal_and_masks_padding(attentio
     assert torch.equal(mask[:, 0][real], _expected_mask(LEFT_PADDED, 5)[:, 0][real])
     full = torch.ones(2, 5, dtype=torch.long)
     assert torch.equal(shims.causal_mask(decoder, torch.zeros(2, 5, 8), full), _expected_mask(full, 5))
+
+
+# ---------------------------------------------------------------- weights-only
+
+
+def test_safe_load_passes_the_callers_other_arguments_on(tmp_path) -> None:
+    torch.save({"w": torch.arange(3.0)}, tmp_path / "plain.bin")
+    assert torch.equal(
+        shims.safe_load(tmp_path / "plain.bin")["w"], torch.arange(3.0)
+    )  # no weights_only given
+    seen = []
+
+    def place(storage, location):
+        seen.append(location)
+        return storage
+
+    assert torch.equal(shims.safe_load(tmp_path / "plain.bin", map_location=place)["w"], torch.arange(3.0))
+    assert seen == ["cpu"]
 
 
 # ---------------------------------------------------------------- registry
