@@ -75,7 +75,7 @@ def calibrate(
 
     Layers after `feature_layer` never run for LLaVA and get +inf (no merge).
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DymuError(f"batch_size={batch_size!r}: must be a positive integer")
     if isinstance(images, torch.Tensor) and images.numel() == 0:
         raise DymuError("calibration got an empty pixel tensor; pass (N, 3, H, W) pixels with N >= 1")

@@ -32,7 +32,9 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "vtu": (["dymu/vtu.py", "dymu/expand_rope.py"],
             ["tests/test_vtu_core.py", "tests/test_expand_rope.py", "tests/test_prefill_graph.py", "-k", FAST]),
     "thresholds": (["dymu/thresholds.py"], ["tests/test_thresholds.py", "tests/test_bad_input.py", "-k", FAST]),
-    "calibration": (["dymu/calibration.py"], ["tests/test_calibrate.py", "tests/test_merge_rules.py", "-k", FAST]),
+    "calibration": (["dymu/calibration.py"],  # test_calibrate's repeatability (ViT-L geometry) and PIL tests: slow
+                    ["tests/test_calibration_rules.py", "tests/test_calibrate.py", "tests/test_merge_rules.py", "-k",
+                     f"{FAST} and not is_repeatable and not from_pil_images"]),
     "generation": (["dymu/generation.py"], ["tests/test_families.py", "-k", f"{FAST} and not fidelity"]),
     # compat: the per-shim unit tests and test_compat's fast ones; its per-fix checks (verify + negative
     # control, every fix, seconds each, reaching every shim through `active`) run in every cell's CI instead
