@@ -35,7 +35,9 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "calibration": (["dymu/calibration.py"],  # test_calibrate's repeatability (ViT-L geometry) and PIL tests: slow
                     ["tests/test_calibration_rules.py", "tests/test_calibrate.py", "tests/test_merge_rules.py", "-k",
                      f"{FAST} and not is_repeatable and not from_pil_images"]),
-    "generation": (["dymu/generation.py"], ["tests/test_families.py", "-k", f"{FAST} and not fidelity"]),
+    "generation": (["dymu/generation.py"],  # the hf family only: the legacy one runs the same generation code
+                   ["tests/test_generation_units.py", "tests/test_families.py", "-k",
+                    f"{FAST} and not fidelity and not legacy"]),
     # compat: the per-shim unit tests and test_compat's fast ones; its per-fix checks (verify + negative
     # control, every fix, seconds each, reaching every shim through `active`) run in every cell's CI instead
     "compat": (["dymu/compat/shims.py", "dymu/compat/registry.py"],
