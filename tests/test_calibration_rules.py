@@ -69,6 +69,21 @@ def test_thresholds_are_the_mean_of_the_batches_in_float64(tower, pixels) -> Non
     assert torch.equal(both, ((first.double() + second.double()) / 2).float())
 
 
+def test_the_mean_over_many_batches_is_accumulated_in_float64(tower, pixels) -> None:
+    """Six one-image batches: a float32 running sum rounds differently from the float64 one."""
+    singles = [dymu.calibrate(tower, pixels[i : i + 1], target_tokens=20, batch_size=1, progress=False)
+               for i in range(6)]  # fmt: skip
+    mean = dymu.calibrate(tower, pixels, target_tokens=20, batch_size=1, progress=False)
+    assert torch.equal(mean, (torch.stack(singles).double().sum(0) / 6).float())
+
+
+def test_the_defaults_are_llavas_target_64_image_batches_and_a_progress_bar(tower, capsys) -> None:
+    with pytest.raises(DymuError, match=r"^target_tokens=72 must be in 1\.\.64"):  # LLaVA-1.5's 72 of 576
+        dymu.calibrate(tower, blocky_pixels(1, SIZE))
+    dymu.calibrate(tower, blocky_pixels(65, SIZE, seed=4), target_tokens=20)
+    assert " 2/2 " in capsys.readouterr().err  # 64 + 1
+
+
 def test_feature_layer_decides_the_blocks_that_calibrate(tower, pixels) -> None:
     tau = dymu.calibrate(tower, pixels, target_tokens=20, batch_size=6, feature_layer=-1, progress=False)
     assert torch.isfinite(tau).all()
@@ -77,6 +92,11 @@ def test_feature_layer_decides_the_blocks_that_calibrate(tower, pixels) -> None:
     tau = dymu.calibrate(tower, pixels, target_tokens=40, batch_size=6, feature_layer=1, progress=False)
     assert tau[0] > 0 and torch.isinf(tau[1:]).all()  # hidden_states[1]: block 0 only, 24 merges
     assert int(dymu.encode_images(tower, pixels, tau, feature_layer=1).num_tokens.sum()) == 6 * 40
+
+
+def test_a_batch_of_one_image_is_allowed(tower, pixels) -> None:
+    tau = dymu.calibrate(tower, pixels[:2], target_tokens=20, batch_size=1, progress=False)
+    assert torch.isfinite(tau[:3]).all()
 
 
 @pytest.mark.parametrize("batch_size", [0, -2, 1.5, "4", True])
