@@ -13,6 +13,7 @@ keep a run bounded.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -79,6 +80,37 @@ def prepare(group: str) -> Path:
     return folder
 
 
+NO_GRAD = "@torch.no_grad()"
+NO_GRAD_FIXTURE = """
+
+@pytest.fixture(autouse=True)
+def _mutation_no_grad():
+    \"\"\"scripts/mutation.py took @torch.no_grad() off the mutated modules' functions: every test runs
+    without grad instead, as those functions did.\"\"\"
+    with torch.no_grad():
+        yield
+"""
+
+
+def _undecorate(folder: Path, modules: list[str]) -> list[str]:
+    """mutmut 3 does not mutate decorated functions, so in the copy the mutated modules lose their
+    `@torch.no_grad()` lines (generation.prepare, stock_prepare, generate_prepared; golden.run_case)
+    and the copy's tests/conftest.py runs every test under no_grad. Returns the functions changed."""
+    changed = []
+    for module in modules:
+        path = folder / module
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() != NO_GRAD]
+        if len(kept) != len(lines):
+            changed += [f"{module}:{nxt.split('(')[0].split()[-1]}" for line, nxt in itertools.pairwise(lines)
+                        if line.strip() == NO_GRAD]  # fmt: skip
+            path.write_text("".join(kept), encoding="utf-8")
+    if changed:
+        with (folder / "tests" / "conftest.py").open("a", encoding="utf-8") as f:
+            f.write(NO_GRAD_FIXTURE)
+    return changed
+
+
 def mutmut(folder: Path, *args: str, timeout: int | None = None) -> subprocess.CompletedProcess:
     exe = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or shutil.which("mutmut")
     if exe is None:
@@ -90,6 +122,7 @@ def mutmut(folder: Path, *args: str, timeout: int | None = None) -> subprocess.C
 def run_group(group: str, jobs: int) -> dict:
     """Mutate one group and collect its verdicts."""
     folder = prepare(group)
+    undecorated = _undecorate(folder, GROUPS[group][0])
     done = mutmut(folder, "run", "--max-children", str(jobs))
     listing = mutmut(folder, "results", "--all", "true").stdout
     verdicts: dict[str, str] = {}
@@ -104,7 +137,7 @@ def run_group(group: str, jobs: int) -> dict:
         n: mutmut(folder, "show", n).stdout for n, s in verdicts.items() if s in ("survived", "no tests")
     }
     result = {"group": group, "modules": GROUPS[group][0], "tests": GROUPS[group][1], "counts": counts,
-              "exit_code": done.returncode, "survivors": survivors,
+              "exit_code": done.returncode, "survivors": survivors, "undecorated": undecorated,
               "log_tail": (done.stdout + done.stderr)[-2000:] if done.returncode else ""}  # fmt: skip
     (WORK / f"{group}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return result
