@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 
-from dymu.matrix import outcome
+from dymu.matrix import outcome, report
 from dymu.matrix.golden import RECORDED, SAME_AS, case_family, compare, expected, load_golden
 from dymu.testing.tiny import NOBOS
 
@@ -134,3 +135,118 @@ def test_load_golden_turns_stored_infinities_back_into_floats(tmp_path) -> None:
     assert data["thresholds"][0] == 0.5 and math.isinf(data["thresholds"][1]) and data["thresholds"][2] == 2.0
     assert all(type(t) is float for t in data["thresholds"])
     assert data["about"] == "café" and data["cases"] == {} and set(data) == {"about", "thresholds", "cases"}
+
+
+# ---------------------------------------------------------------- report: what the matrix job's exit code and rows say
+
+
+def _write(folder, name: str, cell: dict | str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(
+        cell if isinstance(cell, str) else json.dumps(cell), encoding="utf-8"
+    )
+
+
+def test_report_main_exits_1_exactly_when_a_cell_did_not_behave_as_expected(tmp_path, capsys) -> None:
+    _write(tmp_path / "cells", "good", {"cell": "good", "status": "pass"})
+    assert report.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# Compatibility matrix\n") and "| good |" in out
+    assert (tmp_path / "matrix.md").read_text(encoding="utf-8") + "\n" == out
+    _write(tmp_path / "cells", "broken", {"cell": "broken", "status": "fail", "expected": "crash",
+                                          "as_expected": True})  # fmt: skip
+    assert report.main([str(tmp_path)]) == 0  # a broken cell failing as it should
+    _write(tmp_path / "cells", "bad", {"cell": "bad", "status": "fail"})  # expects a pass by default
+    assert report.main([str(tmp_path)]) == 1
+
+
+@pytest.mark.parametrize("sub", ["gpu/cells", "docker/cells"])
+def test_report_main_reads_gpu_or_docker_results_alone(tmp_path, sub) -> None:
+    _write(tmp_path / sub, "only", {"cell": "only", "status": "pass"})
+    assert report.main([str(tmp_path)]) == 0 and (tmp_path / "matrix.html").is_file()
+
+
+def test_report_main_defaults_to_the_reports_folder_and_reads_sys_argv(tmp_path, monkeypatch, capsys) -> None:
+    _write(tmp_path / "reports" / "cells", "good", {"cell": "good", "status": "pass"})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["report"])
+    assert report.main() == 0 and (tmp_path / "reports" / "matrix.md").is_file()
+    _write(tmp_path / "other" / "cells", "bad", {"cell": "bad", "status": "fail"})
+    monkeypatch.setattr(sys, "argv", ["report", "other"])
+    assert report.main() == 1 and (tmp_path / "other" / "matrix.md").is_file()
+    assert report.main([]) == 0  # an empty list is no arguments, not sys.argv
+    capsys.readouterr()
+    assert report.main([str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err == (
+        f"dymu: error: {tmp_path / 'none'}: no cell results (cells/, gpu/cells/ or docker/cells/) to report; "
+        "run `nox -s matrix` first or pass the reports folder\n"
+    )
+
+
+def test_fix_verdicts() -> None:
+    held = {"verify": "held", "needed": "yes", "negative": "failed as documented"}
+    assert report.fix_verdict(None) == "n.a." and report.fix_verdict({"verify": "n.a."}) == "n.a."
+    assert report.fix_verdict(held) == "fixed"
+    assert report.fix_verdict({**held, "negative": "did not fail"}) == "FAIL"
+    assert report.fix_verdict({**held, "verify": "failed"}) == "FAIL"
+    assert report.fix_verdict({"verify": "held", "needed": "no"}) == "ok"
+
+
+def test_load_cells_reads_sorted_results_skips_runner_files_and_marks_unreadable_ones(tmp_path) -> None:
+    folder = tmp_path / "cells"
+    _write(folder, "b", {"cell": "b", "note": "café"})
+    _write(folder, "a", {"cell": "a"})
+    _write(folder, "a.runner", {"cell": "runner state"})
+    _write(folder, "c", "{torn")
+    try:
+        json.loads("{torn")
+    except json.JSONDecodeError as err:
+        why = str(err)
+    assert report.load_cells(folder) == [
+        {"cell": "a"}, {"cell": "b", "note": "café"},
+        {"cell": "c", "status": "fail", "failure": {"class": "unreadable", "signature": why}},
+    ]  # fmt: skip
+
+
+def test_rows_of_cpu_docker_and_gpu_cells_with_their_defaults_and_log_links(tmp_path) -> None:
+    versions = {"torch": "2.9.1", "transformers": "4.57.3"}
+    _write(tmp_path / "cells", "plain", {"cell": "plain", "status": "pass", "versions": versions,
+                                         "stages": {"bench": {"status": "pass", "ratio_stock_over_dymu": 1.5}}})  # fmt: skip
+    _write(tmp_path / "docker" / "cells", "boxed", {"cell": "boxed", "status": "pass"})
+    _write(tmp_path / "gpu" / "cells", "card", {"cell": "card", "status": "pass"})
+    _write(tmp_path / "gpu" / "cells", "named", {"cell": "named", "status": "pass", "where": "NVIDIA H200"})
+    _write(tmp_path / "cells", "bare", {"cell": "bare"})
+    for log in ("logs/plain.log", "docker/logs/boxed.log", "gpu/logs/card.log"):
+        (tmp_path / log).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / log).write_text("log", encoding="utf-8")
+    rows = {r["cell"]: r for r in report.build(tmp_path)["summary"]}
+    assert {n: r["where"] for n, r in rows.items()} == {
+        "plain": "cpu", "bare": "cpu", "boxed": "cpu/docker", "card": "gpu", "named": "NVIDIA H200"
+    }  # fmt: skip
+    assert {n: r["log"] for n, r in rows.items()} == {
+        "plain": "logs/plain.log", "bare": None, "boxed": "docker/logs/boxed.log", "card": "gpu/logs/card.log",
+        "named": None,
+    }  # fmt: skip
+    plain, bare = rows["plain"], rows["bare"]
+    assert (plain["torch"], plain["transformers"], plain["bench_ratio"]) == ("2.9.1", "4.57.3", 1.5)
+    assert plain["stages"]["bench"] == "pass" and plain["stages"]["import"] == "-"
+    assert (bare["torch"], bare["transformers"], bare["status"], bare["expected"]) == ("?", "?", "?", "pass")
+    assert set(bare["stages"].values()) == {"-"} and bare["bench_ratio"] is None and not bare["as_expected"]
+
+
+def test_headline_labels_non_cpu_cells_and_lists_each_kind() -> None:
+    def row(cell, where="cpu", status="pass", as_expected=True, expected="pass"):
+        return {
+            "cell": cell,
+            "where": where,
+            "status": status,
+            "as_expected": as_expected,
+            "expected": expected,
+        }
+
+    rows = [row("a"), row("b", "gpu", "fail", expected="crash"), row("c", "cpu/docker", "fail", False),
+            row("d", "gpu", "fail", expected="oom"), row("e", status="skipped"), row("f", "gpu", "skipped")]  # fmt: skip
+    assert report.headline(rows) == (
+        "3 of 4 cells behaved as expected (2 of them failing on purpose: b [gpu], d [gpu]); not as expected: "
+        "c [cpu/docker] (fail (unexpected)); skipped here: e, f [gpu] (see Skipped)."
+    )
