@@ -220,6 +220,13 @@ def test_rows_of_cpu_docker_and_gpu_cells_with_their_defaults_and_log_links(tmp_
         (tmp_path / log).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / log).write_text("log", encoding="utf-8")
     rows = {r["cell"]: r for r in report.build(tmp_path)["summary"]}
+    stored = json.loads((tmp_path / "matrix.json").read_text(encoding="utf-8"))
+    assert set(stored) == {"schema", "generated", "summary", "cells"} and stored["generated"].endswith(
+        "+00:00"
+    )
+    assert sorted(c["cell"] for c in stored["cells"]) == sorted(rows) and stored["summary"] == list(
+        rows.values()
+    )
     assert {n: r["where"] for n, r in rows.items()} == {
         "plain": "cpu", "bare": "cpu", "boxed": "cpu/docker", "card": "gpu", "named": "NVIDIA H200"
     }  # fmt: skip
