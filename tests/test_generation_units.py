@@ -187,3 +187,13 @@ def test_generate_prepared_refuses_to_run_past_the_context(generate_calls) -> No
                               "context is 10; ask for at most 4 new tokens")  # fmt: skip
     with pytest.raises(DymuError, match="ask for at most 0 new tokens"):
         generation.generate_prepared(_parts(max_positions=4), _batch(prompt=6), 1)
+
+
+@pytest.mark.parametrize("prefill", [generation.prepare, generation.stock_prepare])
+def test_both_prefills_refuse_a_prompt_count_unlike_the_image_count(prefill) -> None:
+    """Checked before the model is touched: three prompts, two 3-channel images."""
+    with pytest.raises(DymuError) as err:
+        prefill(
+            None, [[1], [2], [3]], torch.zeros(2, 3, 4, 4), *([None] if prefill is generation.prepare else [])
+        )
+    assert str(err.value) == "3 prompts but 2 images"
