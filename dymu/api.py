@@ -100,11 +100,32 @@ class DymuLlava:
         batch = self.prepare(prompts, images)
         out = generate_prepared(self.parts, batch, max_new_tokens, self.options, **kwargs)
         new = out.sequences[:, batch.virtual_ids.shape[1] :]
+        stops = self._eos_ids(kwargs.get("eos_token_id"))
         answers = []
         for row, n_visual in zip(new.tolist(), batch.visual_tokens, strict=True):
+            row = _through_first(row, stops)  # a batch pads finished rows; one prompt alone stops here
             text = self.tokenizer.decode(row, skip_special_tokens=True).strip()
             answers.append(Answer(text, row, n_visual))
         return answers
+
+    def _eos_ids(self, given: Any) -> set[int]:
+        """The ids that end an answer: the caller's, else the generation config's, else the tokenizer's."""
+        found = given
+        if found is None:
+            found = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if found is None and self.tokenizer is not None:
+            found = getattr(self.tokenizer, "eos_token_id", None)
+        if found is None:
+            return set()
+        return {int(i) for i in (found if isinstance(found, (list, tuple, set)) else [found])}
+
+
+def _through_first(row: list[int], stops: set[int]) -> list[int]:
+    """`row` up to and including its first stop id (the padding after it dropped)."""
+    for i, token in enumerate(row):
+        if token in stops:
+            return row[: i + 1]
+    return row
 
 
 def _caused_by(err: BaseException, kind: type[BaseException]) -> BaseException | None:

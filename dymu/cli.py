@@ -26,6 +26,7 @@ from .jsonsafe import dumps as strict_json
 from .matrix import report
 from .options import Options
 from .quiet import quiet_libraries
+from .testing import shapes
 from .testing.sample_images import make_sample_images
 from .testing.tiny import ensure_tiny_checkpoints
 from .thresholds import load_thresholds, save_thresholds
@@ -199,17 +200,23 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if args.model_path is not None:
         read_config(args.model_path)  # fail on a bad model path before touching the images
     images = [load_image(p) for p in args.image] if args.image else None
+    shows: list[str] | None = (
+        None  # what the default pictures show (the right answer to the default question)
+    )
     thresholds = load_thresholds(args.thresholds) if args.thresholds else None  # fail before loading a model
     if args.model_path is None:
         paths = ensure_tiny_checkpoints()
         model_path = paths[
             "llava-hf-tiny-safetensors" if args.family != "legacy" else "llava-v1.5-tiny-safetensors"
         ]
-        images = images or make_sample_images(3)
+        if images is None:
+            pictures = shapes.sample_pictures()
+            images = [image for _, image in pictures]
+            shows = [scene.answer("describe") for scene, _ in pictures]
         if thresholds is None and not args.stock:
             tower, processor = load_vision_tower(paths["clip"])
             thresholds = calibrate(tower, make_sample_images(16, seed=1), 16, 16, processor, progress=False)
-        note = "embedded tiny LLaVA-1.5 (random weights: answers are noise, the plumbing is real)"
+        note = "embedded tiny LLaVA-1.5, trained on coloured-shape pictures (ask about colour, shape, count)"
     else:
         model_path = Path(args.model_path)
         note = str(model_path)
@@ -226,6 +233,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
         {"image": str(name), "answer": a.text, "visual_tokens": a.visual_tokens, "token_ids": a.token_ids}
         for name, a in zip(names, answers, strict=True)
     ]
+    for row, what in zip(rows, shows or [], strict=False):
+        row["shows"] = what
     if args.json:
         print(strict_json({"model": str(model_path), "family": model.family, "vtu": args.vtu,
                           "dymu": thresholds is not None, "results": rows}))  # fmt: skip
@@ -234,7 +243,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
             f"model: {note} [{model.family}], vtu={args.vtu}, {'DyMU' if thresholds is not None else 'stock'}"
         )
         for row in rows:
-            print(f"{row['image']}: [{row['visual_tokens']} visual tokens] {row['answer']!r}")
+            shown = f" (shows {row['shows']})" if "shows" in row else ""
+            print(f"{row['image']}{shown}: [{row['visual_tokens']} visual tokens] {row['answer']!r}")
     return 0
 
 

@@ -13,11 +13,12 @@ another on one stream, and a caller copies out what it keeps before the next rep
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -27,6 +28,28 @@ from .blocks import BUCKET, MergeRule, TokenState, embed, run_blocks
 # one batch shape needs up to (segments - 1) x (577 / BUCKET) + 1 ~ 96 graphs at LLaVA's geometry: room for
 # a few batch shapes, so a long run stops capturing once every bucket has been seen
 _MAX_GRAPHS_PER_TOWER = 320
+
+
+@contextlib.contextmanager
+def own_cublas_workspace() -> Iterator[None]:
+    """Make a capture allocate its own cuBLAS workspace, inside the graph's memory pool.
+
+    Why: cuBLAS keeps one persistent workspace per (handle, stream), allocated outside any graph,
+    and a captured GEMM embeds its raw address. Whoever clears those workspaces later (inductor's
+    CUDA graph trees do, globally, around every warm-up and recording: transformers' compiled
+    static decode) frees memory our graphs still write: an illegal memory access on the next
+    replay (seen on an H200 with the graphed prefill followed by compiled static decode; see
+    pytorch/pytorch#193402 for the same lifetime problem). Clearing right before the capture makes
+    its GEMMs allocate a workspace in the capture's private pool, owned by the graph; clearing
+    after it keeps the next capture from sharing that one."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)  # present in every torch we support
+    if clear is not None:
+        clear()
+    try:
+        yield
+    finally:
+        if clear is not None:
+            clear()
 
 
 class CapturedCall:
@@ -42,7 +65,7 @@ class CapturedCall:
                 fn(*self.inputs)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with own_cublas_workspace(), torch.cuda.graph(self.graph, pool=pool):
             self.outputs = fn(*self.inputs)
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:

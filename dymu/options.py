@@ -28,11 +28,11 @@ class Options:
       segments and trims the padding between them (less compute, but each new padded shape is a
       new capture of 100-270 ms).
     - `prefill_graph_batch`: on CUDA, the VTU prefill of batches up to this size replays a CUDA
-      graph captured per (batch, 64-row bucket, 64-position bucket). Off (0) by default: it halves
-      the batch-1 prefill on an H200 (16.5 vs 36 ms, reports/gpu/bench/h200_graphs_b1.md), but one
-      GPU run (the full-size matrix stage: float32 model with graphs, deleted, then a bf16 model
-      with graphs and compiled static decode) hit an illegal memory access that did not recur with
-      it off and is not yet understood. Set 1 to use it.
+      graph captured per (batch, 64-row bucket, 64-position bucket); 1 by default (batch 1 is
+      launch-bound: median prefill 16.8 vs 29.8 ms stock on an H200,
+      reports/gpu/bench/h200_prefill_graph_b1.md), 0 runs the plain prefill. Every capture owns
+      its cuBLAS workspace (`cuda_graph.own_cublas_workspace`), which is what made the earlier
+      illegal memory access after transformers' compiled decode go away.
     - `deterministic_remerge`: VTU's group mean as an assignment matmul (fixed reduction
       order, no CUDA atomics) instead of `index_add_`.
     - `decode`: "static" decodes from a pre-allocated static KV cache (on CUDA the installed
@@ -43,7 +43,7 @@ class Options:
     fused_rope: bool = True
     cuda_graphs: bool = True
     graph_segment: int = 0
-    prefill_graph_batch: int = 0
+    prefill_graph_batch: int = 1
     deterministic_remerge: bool = False
     decode: str = "auto"
 

@@ -12,14 +12,23 @@ import dymu
 from dymu.compat.shims import bin_blocked
 from dymu.errors import DymuError
 from dymu.testing.sample_images import make_sample_images
-from dymu.testing.tiny import build_tiny_checkpoints
+from dymu.testing.tiny import TinySpec, build_tiny_checkpoints, ensure_tiny_checkpoints
 from dymu.vision_loading import load_vision_tower
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The tiny LLaVA-1.5 fixture in both formats, built once per test session (dir name -> path)."""
-    return build_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
+    """The tiny LLaVA-1.5 fixture in both formats with its seeded RANDOM weights, built once per
+    test session (dir name -> path). The plumbing tests want it: random weights never emit EOS,
+    so every generation runs its full length, and their similarities are well separated. The
+    trained model (what `dymu infer` uses) is `trained_checkpoints`."""
+    return build_tiny_checkpoints(tmp_path_factory.mktemp("tiny"), TinySpec(weights="random"))
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoints() -> dict[str, Path]:
+    """The embedded tiny model, trained on the shapes task (the cached build `dymu infer` uses)."""
+    return ensure_tiny_checkpoints()
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from dymu.versions import installed
 GOLDEN = load_golden()
 ATOL = GOLDEN["tolerance"]["top_logits_atol"]
 TAU = torch.tensor(GOLDEN["thresholds"])
+TASK_TAU = torch.tensor(GOLDEN["task_thresholds"])
 
 
 def _skip_without_legacy(case: str) -> None:
@@ -29,7 +30,7 @@ def test_cell_reproduces_the_reference_cell(case: str) -> None:
         with pytest.raises(DymuError, match=r"only \.bin weights"):
             run_case(case, TAU)
         return
-    assert compare(run_case(case, TAU), expected(GOLDEN, case), ATOL) == []
+    assert compare(run_case(case, TAU, task_tau=TASK_TAU), expected(GOLDEN, case), ATOL) == []
 
 
 @pytest.mark.parametrize(("drift", "caught"), [(1e-3, True), (-1e-3, True), (1e-6, False), (0.0, False)])
@@ -94,3 +95,21 @@ def test_golden_catches_a_lost_bos_where_the_fix_is_needed_and_only_there() -> N
         assert "prompt_ids differ" in problems
     else:  # before 5.0 the tokenizer adds BOS by itself: switching the fix off changes nothing
         assert problems == []
+
+
+def test_an_accuracy_change_on_the_shapes_task_is_reported_as_a_number() -> None:
+    """A stack that answers one test question differently fails the comparison with both
+    accuracies in the message, not only as changed ids."""
+    want = GOLDEN["cases"][CASES[0]]
+    assert {"stock", "dymu"} <= set(want["task"])
+    got = copy.deepcopy(want)
+    task = got["task"]["dymu"]
+    task["answer_ids"][0] = [2]  # an empty answer: wrong
+    task["accuracy"] = round(task["accuracy"] - 1 / len(task["answer_ids"]), 6)
+    problems = compare(got, want, ATOL)
+    assert (
+        f"task accuracy (dymu) {task['accuracy']:.3f}, golden {want['task']['dymu']['accuracy']:.3f}"
+        in problems
+    )
+    assert "task answers (dymu) differ" in problems
+    assert not any("stock" in p for p in problems)

@@ -95,3 +95,24 @@ def test_one_gpu_or_gpu_cell_jobs_1_runs_cells_one_after_another(tmp_path) -> No
 def test_a_bad_gpu_cell_jobs_is_refused(tmp_path, jobs: str) -> None:
     done, events = _run(tmp_path, gpus=2, jobs=jobs)
     assert done.returncode == 2 and "GPU_CELL_JOBS" in done.stdout and events == []
+
+
+def test_a_gpu_cell_records_which_gpu_it_ran_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cells side by side must each say which card they had: two cells with one UUID shared a GPU."""
+    from types import SimpleNamespace
+
+    from dymu.matrix.runner import gpu_identity
+
+    props = SimpleNamespace(name="NVIDIA H200", uuid="GPU-1234")
+    fake = SimpleNamespace(
+        cuda=SimpleNamespace(get_device_properties=lambda i: props, device_count=lambda: 1)
+    )
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert gpu_identity(fake) == {
+        "cuda_visible_devices": "1",
+        "name": "NVIDIA H200",
+        "uuid": "GPU-1234",
+        "count": 1,
+    }
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert gpu_identity(fake)["cuda_visible_devices"] is None

@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_vtu_core import small_llama
 
-from dymu import prefill_graph
+from dymu import cuda_graph, prefill_graph
 from dymu.compat.shims import rope_theta
 from dymu.errors import DymuError
 from dymu.options import Options
@@ -103,3 +103,19 @@ def test_on_cuda_a_replayed_graph_equals_the_plain_prefill() -> None:
         plain = vtu_prefill(model, merged, idx, theta)
         _assert_same(plain, graphed_vtu_prefill(model, merged, idx, theta))
     assert prefill_graph._decoders[model].graphs.captures == 1
+
+
+def test_a_capture_gets_its_own_cublas_workspace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuBLAS workspaces are cleared right before a capture (so the graph's GEMMs allocate theirs in
+    the graph's pool) and right after it (so the next capture does not share it), also when the
+    capture fails: a workspace that someone else frees later must never be one a graph embeds."""
+    calls: list[str] = []
+    monkeypatch.setattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: calls.append("clear"), raising=False)
+    with cuda_graph.own_cublas_workspace():
+        calls.append("capture")
+    assert calls == ["clear", "capture", "clear"]
+    calls.clear()
+    with pytest.raises(RuntimeError), cuda_graph.own_cublas_workspace():
+        calls.append("capture")
+        raise RuntimeError("capture failed")
+    assert calls == ["clear", "capture", "clear"]

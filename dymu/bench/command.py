@@ -17,7 +17,7 @@ from . import llava as llava_bench
 from . import report as bench_report
 from . import tower as tower_bench
 from .data import load_data_file
-from .run import BenchConfig, data_path, jsonl_path, run
+from .run import BenchConfig, data_path, default_data, jsonl_path, run
 
 MICRO = {"tower": tower_bench.main, "llava": llava_bench.main}
 DEFAULT_NEW_TOKENS = 64  # as run_benchmark_dymu.py
@@ -40,8 +40,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", default="tiny",
                    help="a liuhaotian or llava-hf checkpoint dir, `tiny` (default: the embedded model), `tiny-legacy`, "
                    "or `random:llava-1.5-7b` (the exact architecture, random weights, built on --device)")  # fmt: skip
-    p.add_argument("--data-file", default="sample", help="their JSON format; `sample` (default) / `sample-mmbench`: "
-                   "the packaged photos with COCO / MMBench prompts")  # fmt: skip
+    p.add_argument("--data-file", default=None, help="their JSON format; `sample` / `sample-mmbench`: the packaged "
+                   "photos with COCO / MMBench prompts; `sample-shapes` / `sample-shapes-coco`: the tiny model's task "
+                   "(default: sample-shapes-coco on the tiny model, else sample)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"default {DEFAULT_NEW_TOKENS}; {TINY_NEW_TOKENS} on the embedded tiny model, so the no-argument "
                    "run stays short on a CPU")  # fmt: skip
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = BenchConfig(
-        model_path=args.model_path, data_file=args.data_file, max_new_tokens=new_tokens(args),
+        model_path=args.model_path, data_file=args.data_file or default_data(args.model_path),
+        max_new_tokens=new_tokens(args),
         report_file=args.report_file, thresholds=args.thresholds, modes=args.modes, vtu=args.vtu,
         batch_size=args.batch_size, limit=args.limit, offset=args.offset, warmup=args.warmup, seed=args.seed,
         temperature=args.temperature, image_root=args.image_root, resume=args.resume, device=device,

@@ -27,6 +27,9 @@ MMBENCH_SUFFIX = "Please select the correct answer from the options above. \n"
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data" / "sample"
 SAMPLE_DATA = SAMPLE_DIR / "coco_sample.json"  # 6 public-domain/CC0 photos with the COCO prompt
 SAMPLE_MMBENCH = SAMPLE_DIR / "mmbench_sample.json"  # 4 multiple-choice questions on those photos
+# the trained tiny model's task (dymu/testing/shapes_data.py): 12 pictures, one file per format
+SAMPLE_SHAPES = SAMPLE_DIR / "shapes" / "shapes_mmbench.json"
+SAMPLE_SHAPES_COCO = SAMPLE_DIR / "shapes" / "shapes_coco.json"
 
 L2_KEYS = ("l2_category", "l2-category", "L2-category")  # spellings seen in the wild
 _FIX = "fix the data file (each item: index, image_paths with one image, text_prompt)"

@@ -16,7 +16,7 @@ from ..atomic import write_atomic, write_text_atomic
 from ..jsonsafe import dumps as strict_dumps
 from ..jsonsafe import finite
 from .data import DataFile
-from .quality import caption_metrics, mmbench_accuracy
+from .quality import caption_metrics, exact_match, mmbench_accuracy
 from .run import SCHEMA_VERSION, time_now
 
 SCHEMA_FILE = Path(__file__).with_name("report.schema.json")
@@ -162,10 +162,11 @@ def quality(rows: list[dict[str, Any]], data: DataFile, random_weights: bool) ->
     if refs:
         texts = {str(r["index"]): r["text"] for r in ok}
         preds = {k: texts[k] for k in refs}
+        matched = {"exact_match": exact_match(preds, refs)}
         try:
-            return {"kind": "captions", "note": note, **caption_metrics(preds, refs)}
+            return {"kind": "captions", "note": note, **matched, **caption_metrics(preds, refs)}
         except Exception as err:  # an optional scorer: say why there is no number
-            return {"kind": "captions", "note": note, "error": str(err)}
+            return {"kind": "captions", "note": note, **matched, "error": str(err)}
     return None
 
 

@@ -63,9 +63,12 @@ class LegacyFamily:
                     max_new_tokens=max_new_tokens, do_sample=False,
                     return_dict_in_generate=True, output_scores=True, pad_token_id=pad_id,
                 )  # fmt: skip
-            tokens.append(out.sequences[0, -max_new_tokens:])
+            tokens.append(out.sequences[0, -len(out.scores) :])  # one score per new token
             scores.append(out.scores[0][0])
-        return StockOutput(torch.stack(tokens), torch.stack(scores))
+        # a prompt whose answer ended early (EOS) is shorter: pad on the right, as a batched generate does
+        width = max(len(t) for t in tokens)
+        padded = [torch.cat([t, t.new_full((width - len(t),), pad_id)]) for t in tokens]
+        return StockOutput(torch.stack(padded), torch.stack(scores))
 
     def vision_tower(self, path: Path, config: dict[str, Any], dtype: torch.dtype) -> tuple[nn.Module, Any]:
         """The CLIP directory `mm_vision_tower` names (it must be local: nothing is downloaded)."""

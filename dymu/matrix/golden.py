@@ -22,8 +22,9 @@ from ..api import format_prompt, load
 from ..atomic import write_text_atomic
 from ..calibration import calibrate
 from ..generation import generate_prepared
+from ..testing import shapes
 from ..testing.sample_images import make_sample_images
-from ..testing.tiny import NOBOS, ensure_tiny_checkpoints, nobos_variant
+from ..testing.tiny import NOBOS, TinySpec, ensure_tiny_checkpoints, nobos_variant
 from ..vision_loading import load_vision_tower
 from .digest import GOLDEN_FILE
 
@@ -39,24 +40,70 @@ SAME_AS = {NOBOS: "llava-v1.5-tiny-safetensors"}  # tokenizer_config.json withou
 CASES = (*RECORDED, *SAME_AS)
 NEW_TOKENS = 8
 TOP_K = 5
+TASK_IMAGES = 12  # shapes.test_set: every question kind about 12 unseen pictures (48 questions)
+TASK_NEW_TOKENS = 16  # the longest answer, "three yellow triangles", is 12 tokens + </s>
+# The probes (exact ids, mappings and logits across stacks) run on the seeded random-weight fixture,
+# whose similarities are well separated; the trained model's flat backgrounds give near-ties that
+# float noise may break either way (same outputs, other mapping). The task runs on the trained one.
+PROBE_SPEC = TinySpec(weights="random")
 
 
 def case_family(case: str) -> str:
     return "hf" if case.startswith("llava-hf") else "legacy"
 
 
-def golden_thresholds() -> torch.Tensor:
-    """Thresholds calibrated once for the tiny tower; stored in the golden file as an input."""
-    tower, processor = load_vision_tower(ensure_tiny_checkpoints()["clip"])
+def _calibrated(spec: TinySpec) -> torch.Tensor:
+    tower, processor = load_vision_tower(ensure_tiny_checkpoints(spec=spec)["clip"])
     return calibrate(tower, make_sample_images(16, seed=1), 16, 16, processor, progress=False)
 
 
+def golden_thresholds() -> torch.Tensor:
+    """Thresholds calibrated once for the probes' (random-weight) tower; stored in the golden file."""
+    return _calibrated(PROBE_SPEC)
+
+
+def task_thresholds() -> torch.Tensor:
+    """Thresholds for the trained tower (what `dymu infer` calibrates by default); stored too."""
+    return _calibrated(TinySpec())
+
+
+def _case_path(case: str, spec: TinySpec) -> Path:
+    paths = ensure_tiny_checkpoints(spec=spec)
+    return nobos_variant(paths) if case == NOBOS else paths[case]
+
+
 @torch.no_grad()
-def run_case(case: str, thresholds: torch.Tensor, vtu: str = "fast") -> dict[str, Any]:
-    """The observable outputs of one checkpoint directory on the fixed inputs."""
-    model = load(
-        nobos_variant() if case == NOBOS else ensure_tiny_checkpoints()[case], thresholds=thresholds, vtu=vtu
-    )
+def task_scores(case: str, thresholds: torch.Tensor) -> dict[str, Any]:
+    """The trained tiny model on the shapes test set, stock and DyMU: accuracy overall and per
+    question kind, the mean visual tokens, and the greedy answer ids (exact in the golden file)."""
+    items = shapes.test_set(TASK_IMAGES)
+    prompts = [format_prompt(it.question) for it in items]
+    images = [it.image for it in items]
+    out: dict[str, Any] = {}
+    for mode, tau in (("stock", None), ("dymu", thresholds)):
+        model = load(_case_path(case, TinySpec()), thresholds=tau)
+        answers = model.generate(prompts, images, max_new_tokens=TASK_NEW_TOKENS)
+        texts = [a.text for a in answers]
+        by_kind = {
+            kind: shapes.accuracy([t for t, it in zip(texts, items, strict=True) if it.kind == kind],
+                                  [it for it in items if it.kind == kind])
+            for kind in shapes.QUESTIONS
+        }  # fmt: skip
+        out[mode] = {
+            "accuracy": round(shapes.accuracy(texts, items), 6),
+            "by_kind": {k: round(v, 6) for k, v in by_kind.items()},
+            "visual_tokens_mean": round(sum(a.visual_tokens for a in answers) / len(answers), 4),
+            "answer_ids": [a.token_ids for a in answers],
+        }
+    return out
+
+
+@torch.no_grad()
+def run_case(case: str, thresholds: torch.Tensor, vtu: str = "fast",
+             task_tau: torch.Tensor | None = None) -> dict[str, Any]:  # fmt: skip
+    """The observable outputs of one checkpoint directory on the fixed inputs: the probes on the
+    random-weight fixture, and (with `task_tau`) the trained model's shapes-task scores."""
+    model = load(_case_path(case, PROBE_SPEC), thresholds=thresholds, vtu=vtu)
     prompts = [format_prompt(q) for q in QUESTIONS]
     images = make_sample_images(len(prompts))
     batch = model.prepare(prompts, images)
@@ -64,7 +111,7 @@ def run_case(case: str, thresholds: torch.Tensor, vtu: str = "fast") -> dict[str
     first = out.scores[0].float()
     top = first.topk(TOP_K, dim=-1)
     ordered = first.sort(dim=-1, descending=True).values
-    return {
+    result = {
         "prompt_ids": [model.tokenize(p) for p in prompts],
         "visual_tokens": batch.visual_tokens,
         "tokens_per_layer": batch.tower.tokens_per_layer.tolist(),
@@ -74,6 +121,9 @@ def run_case(case: str, thresholds: torch.Tensor, vtu: str = "fast") -> dict[str
         "top_logits": top.values.tolist(),
         "top1_gap": (ordered[:, 0] - ordered[:, 1]).tolist(),
     }
+    if task_tau is not None:
+        result["task"] = task_scores(case, task_tau)
+    return result
 
 
 INT_FIELDS = ("prompt_ids", "visual_tokens", "tokens_per_layer", "mappings", "greedy_ids", "top_ids")
@@ -89,6 +139,12 @@ def compare(got: dict[str, Any], want: dict[str, Any], atol: float) -> list[str]
     )  # fmt: skip
     if worst > atol:
         problems.append(f"top_logits off by {worst:.3g} > atol {atol:g}")
+    for mode in ("stock", "dymu") if "task" in got else ():
+        have, need = got["task"][mode], want["task"][mode]
+        if have["accuracy"] != need["accuracy"]:
+            problems.append(f"task accuracy ({mode}) {have['accuracy']:.3f}, golden {need['accuracy']:.3f}")
+        if have["answer_ids"] != need["answer_ids"]:
+            problems.append(f"task answers ({mode}) differ")
     return problems
 
 
@@ -99,7 +155,9 @@ def expected(golden: dict[str, Any], case: str) -> dict[str, Any]:
 
 def load_golden(path: Path = GOLDEN_FILE) -> dict[str, Any]:
     data = json.loads(path.read_text(encoding="utf-8"))
-    data["thresholds"] = [float(t) for t in data["thresholds"]]  # "inf" is stored as a string
+    for key in ("thresholds", "task_thresholds"):
+        if key in data:
+            data[key] = [float(t) for t in data[key]]  # "inf" is stored as a string
     return data
 
 
@@ -107,21 +165,27 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _stored(tau: torch.Tensor) -> list[float | str]:
+    return [float(t) if math.isfinite(t) else str(float(t)) for t in tau.tolist()]  # "inf" as a string
+
+
 def write_golden(path: Path = GOLDEN_FILE, atol: float = 1e-4) -> Path:
     """Regenerate the golden file on this stack (meant for the reference cell); review the diff."""
-    tau = golden_thresholds()
-    cases = {case: run_case(case, tau) for case in RECORDED}
+    tau, task_tau = golden_thresholds(), task_thresholds()
+    cases = {case: run_case(case, tau, task_tau=task_tau) for case in RECORDED}
     data = {
         "about": "golden outputs of the tiny model, produced by the reference cell; see dymu/matrix/golden.py",
         "stack": {"torch": torch.__version__, "transformers": transformers.__version__},
         "tolerance": {
             "integers": "exact",
             "top_logits_atol": atol,
-            "why": "float32; the largest top-5 logit difference seen against this file across the five CPU "
-            "test cells (torch 2.1-2.15, transformers 4.37-5.24) was 3.8e-6 at logit scale ~4; the smallest "
-            "top-1/top-2 gap (top1_gap) is 0.21, so greedy ids cannot flip within the tolerance",
+            "why": "float32; the largest top-5 logit difference seen across the five CPU test cells (torch "
+            "2.1-2.15, transformers 4.37-5.24) was 3.8e-6 (random weights); the smallest top-1/top-2 gap "
+            f"(top1_gap) in this file is {min(min(c['top1_gap']) for c in cases.values()):.2f}, so greedy ids "
+            "cannot flip within the tolerance",
         },
-        "thresholds": [float(t) if math.isfinite(t) else str(float(t)) for t in tau.tolist()],  # "inf"
+        "thresholds": _stored(tau),
+        "task_thresholds": _stored(task_tau),
         "cases": cases,
     }
     return write_text_atomic(path, json.dumps(data, indent=1) + "\n")

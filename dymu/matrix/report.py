@@ -64,8 +64,22 @@ def summarize(cell: dict[str, Any]) -> dict[str, Any]:
         "stages": {s: stages.get(s, {}).get("status", "-") for s in STAGES},
         "fixes": {name: fix_verdict(fixes.get(name)) for name in FIXES},
         "bench_ratio": bench.get("ratio_stock_over_dymu"),
+        "task_accuracy": task_accuracy(stages.get("inference", {})),
         "full_size": full_size_summary(stages.get("full-size", {})),
     }
+
+
+def task_accuracy(stage: dict[str, Any]) -> str:
+    """`stock / DyMU` accuracy of the trained tiny model on the shapes test set, the lowest over the
+    cases that ran (every case should agree: the golden file holds their answers); `-` if none ran."""
+    runs = [
+        c["task_accuracy"]
+        for c in stage.get("cases", {}).values()
+        if isinstance(c.get("task_accuracy"), dict)
+    ]
+    if not runs:
+        return "-"
+    return f"{min(r['stock'] for r in runs):.2f} / {min(r['dymu'] for r in runs):.2f}"
 
 
 def full_size_summary(stage: dict[str, Any]) -> dict[str, Any] | None:
@@ -148,18 +162,20 @@ def full_size_markdown(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def render_markdown(rows: list[dict[str, Any]]) -> str:
-    head = ["cell", "where", "torch", "transformers", "status", *STAGES, "stock/dymu", *FIXES]
+    head = ["cell", "where", "torch", "transformers", "status", *STAGES, "accuracy stock / dymu", "stock/dymu",
+            *FIXES]  # fmt: skip
     lines = ["# Compatibility matrix", "", f"**{headline(rows)}**", "",
              "Fix verdicts: `fixed` = needed here, verify() held and the negative control failed as documented; "
              "`ok` = not needed here (version outside its range) and verify() held; `FAIL`; `n.a.` = not "
-             "checkable here (a dependency missing). Stages: pass / fail / -. `stock/dymu` is the tiny-model "
-             "generate time ratio (random weights).", ""]  # fmt: skip
+             "checkable here (a dependency missing). Stages: pass / fail / -. `accuracy stock / dymu`: the trained "
+             "tiny model on the shapes test set (48 questions). `stock/dymu` is the tiny-model generate time "
+             "ratio (CPU).", ""]  # fmt: skip
     table = []
     for r in rows:
         status = status_text(r) if r["as_expected"] else f"**{status_text(r)}**"
         ratio = f"{r['bench_ratio']:.2f}" if isinstance(r["bench_ratio"], (int, float)) else "-"
-        table.append([r["cell"], r["where"], r["torch"], r["transformers"], status, *r["stages"].values(), ratio,
-                      *r["fixes"].values()])  # fmt: skip
+        table.append([r["cell"], r["where"], r["torch"], r["transformers"], status, *r["stages"].values(),
+                      r["task_accuracy"], ratio, *r["fixes"].values()])  # fmt: skip
     lines += _md_table(head, table)
     lines += full_size_markdown(rows)
     skipped = [r for r in rows if r["status"] == "skipped"]
@@ -181,7 +197,8 @@ def render_html(rows: list[dict[str, Any]]) -> str:
               "FAIL": "#f7d4d4", "n.a.": "#eeeeee"}  # fmt: skip
     status_colors = {"pass": colors["pass"], "expected": colors["known"], "unexpected": colors["fail"],
                      "skipped": colors["n.a."]}  # fmt: skip
-    head = ["cell", "where", "torch", "transformers", "status", *STAGES, "stock/dymu", *FIXES]
+    head = ["cell", "where", "torch", "transformers", "status", *STAGES, "accuracy stock / dymu", "stock/dymu",
+            *FIXES]  # fmt: skip
     out = ["<!doctype html><meta charset='utf-8'><title>dymu compatibility matrix</title>",
            "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px 6px;font-size:13px}"
            "table{border-collapse:collapse}</style><h1>dymu compatibility matrix</h1>",
@@ -199,7 +216,8 @@ def render_html(rows: list[dict[str, Any]]) -> str:
         ]
         values.append((status, status_colors[kind]))
         values += [
-            (v, colors.get(str(v), "white")) for v in (*r["stages"].values(), ratio, *r["fixes"].values())
+            (v, colors.get(str(v), "white"))
+            for v in (*r["stages"].values(), r["task_accuracy"], ratio, *r["fixes"].values())
         ]
         log = f"<a href='{html.escape(r['log'])}'>log</a>" if r.get("log") else "-"
         out.append("<tr>" + "".join(

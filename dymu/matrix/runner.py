@@ -81,6 +81,14 @@ def gpu_missing(torch: Any) -> str:
             f"CUDA build {built}, NVIDIA_VISIBLE_DEVICES={visible})")  # fmt: skip
 
 
+def gpu_identity(torch: Any) -> dict[str, Any]:
+    """Which GPU a cell ran on (cells run side by side, one GPU each): the visible-devices setting
+    it was given, the card's name and its UUID (the same UUID in two cells means a shared GPU)."""
+    props = torch.cuda.get_device_properties(0)
+    return {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "name": props.name,
+            "uuid": str(getattr(props, "uuid", "unknown")), "count": torch.cuda.device_count()}  # fmt: skip
+
+
 def run(cell: str, out: Path, golden: Path, bench: bool = True, full_size: bool = True, backend: str = "local",
         disable_fixes: tuple[str, ...] = (), self_kill: bool = False,
         expect_gpu: bool = False) -> dict[str, Any]:  # fmt: skip
@@ -102,6 +110,8 @@ def run(cell: str, out: Path, golden: Path, bench: bool = True, full_size: bool 
         disable(disable_fixes)  # an unknown name fails this stage: a typo must not pass vacuously
         result["disabled_fixes"] = sorted(disabled())
         result["where"] = "gpu" if stages.torch.cuda.is_available() else "cpu"
+        if result["where"] == "gpu":
+            result["gpu"] = gpu_identity(stages.torch)
         result["stages"]["import"] = {"status": "pass"}
     except Exception as err:
         result["stages"]["import"] = {"status": "fail", **error_entry(err)}

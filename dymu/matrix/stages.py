@@ -38,7 +38,7 @@ def stage_fixes() -> dict[str, Any]:
 def stage_inference_and_golden(golden_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
     golden = load_golden(golden_path)
-    tau = torch.tensor(golden["thresholds"])
+    tau, task_tau = torch.tensor(golden["thresholds"]), torch.tensor(golden["task_thresholds"])
     atol = golden["tolerance"]["top_logits_atol"]
     inference: dict[str, Any] = {}
     comparison: dict[str, Any] = {}
@@ -48,7 +48,7 @@ def stage_inference_and_golden(golden_path: Path) -> tuple[dict[str, Any], dict[
             continue
         start = time.perf_counter()
         try:
-            got = run_case(case, tau)
+            got = run_case(case, tau, task_tau=task_tau)
         except DymuError as err:
             known = case.endswith("-bin") and bin_blocked() and "only .bin weights" in str(err)
             entry = {"status": "known" if known else "fail", "error": str(err)[:300]}
@@ -62,7 +62,8 @@ def stage_inference_and_golden(golden_path: Path) -> tuple[dict[str, Any], dict[
             inference[case] = comparison[case] = {"status": "fail", **error_entry(err)}
             continue
         inference[case] = {"status": "pass", "seconds": round(time.perf_counter() - start, 2),
-                           "visual_tokens": got["visual_tokens"], "greedy_ids": got["greedy_ids"]}  # fmt: skip
+                           "visual_tokens": got["visual_tokens"], "greedy_ids": got["greedy_ids"],
+                           "task_accuracy": task_summary(got["task"])}  # fmt: skip
         want = expected(golden, case)
         problems = compare(got, want, atol)
         worst = max(abs(a - b) for ra, rb in zip(got["top_logits"], want["top_logits"], strict=True)
@@ -70,6 +71,13 @@ def stage_inference_and_golden(golden_path: Path) -> tuple[dict[str, Any], dict[
         comparison[case] = {"status": "fail" if problems else "pass", "problems": problems,
                             "max_top_logit_diff": worst, "atol": atol}  # fmt: skip
     return _summarize(inference), _summarize(comparison)
+
+
+def task_summary(task: dict[str, Any]) -> dict[str, Any]:
+    """The shapes-task numbers a cell reports: accuracy stock and DyMU, and DyMU's visual tokens."""
+    return {"stock": task["stock"]["accuracy"], "dymu": task["dymu"]["accuracy"],
+            "dymu_visual_tokens": task["dymu"]["visual_tokens_mean"],
+            "stock_visual_tokens": task["stock"]["visual_tokens_mean"]}  # fmt: skip
 
 
 def _summarize(cases: dict[str, Any]) -> dict[str, Any]:

@@ -55,6 +55,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..images import CLIP_MEAN, CLIP_STD
@@ -62,10 +63,12 @@ from ..images import CLIP_MEAN, CLIP_STD
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 TOKENIZER_MODEL = DATA_DIR / "tiny_tokenizer.model"
 TOKENIZER_JSON = DATA_DIR / "tiny_tokenizer.json"
+# The shapes-task weights (scripts/train_tiny.py), under the names of parameter_inits.
+TRAINED_WEIGHTS = DATA_DIR / "tiny_trained.safetensors"
 
 # Bump when anything that changes the written files changes (layout, init rule, config keys): it is
 # part of the cache key, so stale caches are never reused.
-FIXTURE_VERSION = 2  # 2: legacy dirs ship tokenizer.model only, like liuhaotian checkpoints
+FIXTURE_VERSION = 3  # 2: legacy dirs ship tokenizer.model only; 3: trained weights by default
 
 CLIP_DIR = "clip"
 LEGACY_BIN = "llava-v1.5-tiny-bin"
@@ -129,6 +132,10 @@ class TinySpec:
     projector_type: str = "mlp2x_gelu"
     hf_vocab_multiple: int = 64  # llava-hf pads 32002 -> 32064
     seed: int = 0
+    # "trained": the shapes-task weights committed in TRAINED_WEIGHTS (default dims only), so the
+    # model answers true things; "random": the seeded draw of parameter_inits, for what needs
+    # weights no training shaped (and the starting point of the training).
+    weights: Literal["trained", "random"] = "trained"
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -139,6 +146,8 @@ class TinySpec:
             raise ValueError("text_num_heads must be a multiple of text_num_kv_heads")
         if self.projector_type != "mlp2x_gelu":
             raise ValueError("only the LLaVA-1.5 projector (mlp2x_gelu) is built")
+        if self.weights not in ("trained", "random"):
+            raise ValueError(f"weights={self.weights!r}: expected 'trained' or 'random'")
 
     @property
     def num_patches(self) -> int:
@@ -173,6 +182,8 @@ class TinySpec:
         h.update(f"fixture={FIXTURE_VERSION}".encode())
         h.update(TOKENIZER_MODEL.read_bytes())
         h.update(TOKENIZER_JSON.read_bytes())
+        if self.weights == "trained":
+            h.update(TRAINED_WEIGHTS.read_bytes())
         return h.hexdigest()[:12]
 
 
@@ -267,15 +278,30 @@ def parameter_inits(spec: TinySpec = TinySpec()) -> list[ParamInit]:
 def tiny_weights(spec: TinySpec = TinySpec()) -> dict[str, np.ndarray]:
     """All fixture tensors as float32 numpy arrays, keyed by the names of :func:`parameter_inits`.
 
-    One ``default_rng(spec.seed)`` is consumed in sorted-name order, one ``standard_normal`` call per
-    tensor in float64; the float32 cast happens last, so every numpy/torch version gets the same bits.
+    Trained (the default): read from :data:`TRAINED_WEIGHTS`, which must hold exactly those names
+    and shapes. Random: one ``default_rng(spec.seed)`` is consumed in sorted-name order, one
+    ``standard_normal`` call per tensor in float64; the float32 cast happens last, so every
+    numpy/torch version gets the same bits.
     """
+    if spec.weights == "trained":
+        return _trained_weights(spec)
     rng = np.random.default_rng(spec.seed)
     out: dict[str, np.ndarray] = {}
     for p in parameter_inits(spec):
         draw = rng.standard_normal(size=p.shape, dtype=np.float64)
         out[p.name] = np.ascontiguousarray((p.mean + p.std * draw).astype(np.float32))
     return out
+
+
+def _trained_weights(spec: TinySpec) -> dict[str, np.ndarray]:
+    with safe_open(str(TRAINED_WEIGHTS), framework="np") as f:
+        arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+    expected = {p.name: p.shape for p in parameter_inits(spec)}
+    found = {k: tuple(v.shape) for k, v in arrays.items()}
+    if found != expected:
+        raise ValueError(f"{TRAINED_WEIGHTS.name} was trained for the default TinySpec dims and does not fit "
+                         f"this spec ({len(set(found) ^ set(expected))} names differ); use weights='random'")  # fmt: skip
+    return {k: np.ascontiguousarray(arrays[k].astype(np.float32)) for k in sorted(arrays)}
 
 
 def _to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
