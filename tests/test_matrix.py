@@ -427,7 +427,9 @@ def test_an_interrupted_matrix_run_leaves_no_process_and_records_the_cell_as_int
         alive = {int(line.split()[0]) for line in _session_members({runner})}
         assert {runner, child} <= alive, "the cell's runner and its child must be alive before the signal"
         run.send_signal(getattr(signal, sig))
-        output = run.communicate(timeout=30)[0]
+        # well under the cell's 120 s timeout (a matrix that waited for it would miss this), with
+        # room for a loaded 2-core machine: one CI run took over 30 s here while other jobs ran
+        output = run.communicate(timeout=90)[0]
     finally:
         if run.poll() is None:  # the test failed: do not leave the run behind
             os.killpg(run.pid, signal.SIGKILL)
