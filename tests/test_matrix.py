@@ -400,12 +400,19 @@ def _strict_json(path: pathlib.Path):
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGINT-ignored-by-parent"])
 def test_an_interrupted_matrix_run_leaves_no_process_and_records_the_cell_as_interrupted(
     tmp_path, sig
 ) -> None:
     """A whole matrix run (orchestrate.main in its own process and session, a stand-in cell that
-    is a real process group in mid-run) gets SIGINT (Ctrl-C) or SIGTERM (a cancelled CI job)."""
+    is a real process group in mid-run) gets SIGINT (Ctrl-C) or SIGTERM (a cancelled CI job); also
+    SIGINT to a run started with SIGINT ignored, as a background job (`cmd &` in a script) is."""
+    ignored = sig.endswith("-ignored-by-parent")
+    sig = sig.removesuffix("-ignored-by-parent")
 
     root, pids = tmp_path / "root", tmp_path / "pids"
     root.mkdir()
@@ -414,7 +421,8 @@ def test_an_interrupted_matrix_run_leaves_no_process_and_records_the_cell_as_int
     command = [sys.executable, str(ROOT / "tests" / "matrix_standin.py"), str(root), str(pids),
                "--set", "quick", "--force", "--timeout", "120"]  # fmt: skip
     run = subprocess.Popen(command, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                           stderr=subprocess.STDOUT, text=True,
+                           preexec_fn=_ignore_sigint if ignored else None)  # fmt: skip
     first = cells.load()["sets"]["quick"][0]
     try:
         deadline = time.time() + 30

@@ -282,7 +282,9 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> i
 
 @contextlib.contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (a CI job cancelled, `kill`) stops the run like Ctrl-C: cells killed, results kept."""
+    """SIGTERM (a CI job cancelled, `kill`) and SIGINT stop the run like Ctrl-C: cells killed,
+    results kept. SIGINT gets the handler explicitly too: a run started from a background job
+    inherits SIGINT ignored, and Python then never raises KeyboardInterrupt for it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -290,11 +292,12 @@ def _sigterm_interrupts() -> Iterator[None]:
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _run_members(data: dict[str, Any], members: list[str], backend: backends.Backend, args: argparse.Namespace,
