@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaModel
 
+from dymu import vtu as vtu_module
 from dymu.compat.shims import cache_tensors, rope_theta
 from dymu.options import Options
 from dymu.vtu import Remerger, vtu_prefill
@@ -139,3 +140,31 @@ def test_vtu_prefill_takes_the_remerge_path_its_options_name() -> None:
     for a, b in zip(plain.keys + plain.values, fixed.keys + fixed.values, strict=True):
         assert a.shape == (2, 2, 9, 16)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_vtu_prefill_builds_the_assignment_matrix_only_when_asked(monkeypatch, deterministic: bool) -> None:
+    """`deterministic_remerge` must reach the remerger (on a CPU both paths give the same numbers,
+    so only the path taken tells them apart), with the activations' dtype for the matrix."""
+    built = []
+    real = vtu_module.assignment
+
+    def spy(index, num_groups, dtype):
+        built.append(dtype)
+        return real(index, num_groups, dtype)
+
+    monkeypatch.setattr(vtu_module, "assignment", spy)
+    model = small_llama().to(torch.float64)
+    merged = torch.randn(1, 4, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    prefill(model, merged, torch.tensor([[0, 1, 1, 2, 3, 3]]), deterministic)
+    assert built == ([torch.float64] if deterministic else [])
+
+
+def test_vtu_prefill_keeps_the_models_dtype() -> None:
+    """In bfloat16 every output stays bfloat16: RoPE tables made in float32 must be cast back, or
+    the keys (and the cache built from them) silently become float32."""
+    model = small_llama().to(torch.bfloat16)
+    merged = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    out = prefill(model, merged, torch.tensor([[0, 1, 1, 2, 3, 3]]))
+    assert out.hidden.dtype == torch.bfloat16
+    assert {t.dtype for t in out.keys + out.values} == {torch.bfloat16}
