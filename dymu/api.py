@@ -100,7 +100,7 @@ class DymuLlava:
         batch = self.prepare(prompts, images)
         out = generate_prepared(self.parts, batch, max_new_tokens, self.options, **kwargs)
         new = out.sequences[:, batch.virtual_ids.shape[1] :]
-        stops = self._eos_ids(kwargs.get("eos_token_id"))
+        stops = self.eos_ids(kwargs.get("eos_token_id"))
         answers = []
         for row, n_visual in zip(new.tolist(), batch.visual_tokens, strict=True):
             row = _through_first(row, stops)  # a batch pads finished rows; one prompt alone stops here
@@ -108,7 +108,7 @@ class DymuLlava:
             answers.append(Answer(text, row, n_visual))
         return answers
 
-    def _eos_ids(self, given: Any) -> set[int]:
+    def eos_ids(self, given: Any = None) -> set[int]:
         """The ids that end an answer: the caller's, else the generation config's, else the tokenizer's."""
         found = given
         if found is None:

@@ -29,6 +29,7 @@ from .quiet import quiet_libraries
 from .testing import shapes
 from .testing.sample_images import make_sample_images
 from .testing.tiny import ensure_tiny_checkpoints
+from .testing.tiny_thresholds import tiny_thresholds
 from .thresholds import load_thresholds, save_thresholds
 from .tower import encode_images
 from .versions import installed
@@ -200,9 +201,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if args.model_path is not None:
         read_config(args.model_path)  # fail on a bad model path before touching the images
     images = [load_image(p) for p in args.image] if args.image else None
-    shows: list[str] | None = (
-        None  # what the default pictures show (the right answer to the default question)
-    )
+    # what the default pictures show (the right answer to the default question)
+    shows: list[str] | None = None
     thresholds = load_thresholds(args.thresholds) if args.thresholds else None  # fail before loading a model
     if args.model_path is None:
         paths = ensure_tiny_checkpoints()
@@ -214,8 +214,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
             images = [image for _, image in pictures]
             shows = [scene.answer("describe") for scene, _ in pictures]
         if thresholds is None and not args.stock:
-            tower, processor = load_vision_tower(paths["clip"])
-            thresholds = calibrate(tower, make_sample_images(16, seed=1), 16, 16, processor, progress=False)
+            thresholds = tiny_thresholds()
         note = "embedded tiny LLaVA-1.5, trained on coloured-shape pictures (ask about colour, shape, count)"
     else:
         model_path = Path(args.model_path)

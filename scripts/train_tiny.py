@@ -133,8 +133,7 @@ def quick_eval(model: dymu.DymuLlava, n_images: int) -> str:
     items = shapes.test_set(n_images, seed=shapes.TEST_SEED + 1)
     answers = [a.text for a in model.generate([format_prompt(it.question) for it in items],
                                               [it.image for it in items], max_new_tokens=16)]  # fmt: skip
-    kinds = {k: shapes.accuracy([a for a, it in zip(answers, items, strict=True) if it.kind == k],
-                                [it for it in items if it.kind == k]) for k in shapes.QUESTIONS}  # fmt: skip
+    kinds = shapes.accuracy_by_kind(answers, items)
     return f"{shapes.accuracy(answers, items):.3f} " + " ".join(f"{k} {v:.2f}" for k, v in kinds.items())
 
 

@@ -9,8 +9,11 @@ import stat
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+
+from dymu.matrix.runner import gpu_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSIONS = {"t4372": "4.37.2", "t4573": "4.57.3", "t500": "5.0.0", "t5240": "5.24.0"}
@@ -99,10 +102,6 @@ def test_a_bad_gpu_cell_jobs_is_refused(tmp_path, jobs: str) -> None:
 
 def test_a_gpu_cell_records_which_gpu_it_ran_on(monkeypatch: pytest.MonkeyPatch) -> None:
     """Cells side by side must each say which card they had: two cells with one UUID shared a GPU."""
-    from types import SimpleNamespace
-
-    from dymu.matrix.runner import gpu_identity
-
     props = SimpleNamespace(name="NVIDIA H200", uuid="GPU-1234")
     fake = SimpleNamespace(
         cuda=SimpleNamespace(get_device_properties=lambda i: props, device_count=lambda: 1)

@@ -79,6 +79,9 @@ def test_scoring_is_exact_match_after_normalising() -> None:
     assert not shapes.is_correct("two red circles and more", "two red circles")
     items = shapes.test_set(2, kinds=("color",))
     assert shapes.accuracy([items[0].answer, "purple"], items) == 0.5
+    mixed = shapes.test_set(2, kinds=("count", "color"))
+    answers = [it.answer if it.kind == "color" else "many" for it in mixed]
+    assert shapes.accuracy_by_kind(answers, mixed) == {"color": 1.0, "count": 0.0}  # QUESTIONS order
     with pytest.raises(ValueError):
         shapes.accuracy(["red"], items)
 

@@ -232,13 +232,6 @@ def _count_new(row: list[int], eos: set[int], pad: int | None, ignore_eos: bool)
     return n
 
 
-def _eos_ids(model: DymuLlava) -> set[int]:
-    value = getattr(model.model.generation_config, "eos_token_id", None)
-    if value is None:
-        value = getattr(model.tokenizer, "eos_token_id", None)
-    return set(value) if isinstance(value, (list, tuple)) else ({value} if value is not None else set())
-
-
 def _graph_captures(model: DymuLlava) -> int:
     """CUDA graphs captured so far for this model (tower and prefill): the difference over a batch
     is what its timings paid for captures."""
@@ -280,7 +273,7 @@ def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[
     captures = _graph_captures(model) - captures
     vision_ms, prefill_ms = clock.between("start", "vision"), clock.between("vision", "prefill")
     gaps = clock.step_gaps()
-    eos, pad = _eos_ids(model), getattr(model.tokenizer, "pad_token_id", None)
+    eos, pad = model.eos_ids(), getattr(model.tokenizer, "pad_token_id", None)
     new = out.sequences[:, batch.virtual_ids.shape[1] :].tolist()
     rows = []
     for b, sample in enumerate(samples):

@@ -20,12 +20,11 @@ import transformers
 
 from ..api import format_prompt, load
 from ..atomic import write_text_atomic
-from ..calibration import calibrate
 from ..generation import generate_prepared
 from ..testing import shapes
 from ..testing.sample_images import make_sample_images
 from ..testing.tiny import NOBOS, TinySpec, ensure_tiny_checkpoints, nobos_variant
-from ..vision_loading import load_vision_tower
+from ..testing.tiny_thresholds import tiny_thresholds
 from .digest import GOLDEN_FILE
 
 QUESTIONS = ("What is in the picture?", "Describe the colours and shapes, please.", "Is it busy?")
@@ -52,19 +51,14 @@ def case_family(case: str) -> str:
     return "hf" if case.startswith("llava-hf") else "legacy"
 
 
-def _calibrated(spec: TinySpec) -> torch.Tensor:
-    tower, processor = load_vision_tower(ensure_tiny_checkpoints(spec=spec)["clip"])
-    return calibrate(tower, make_sample_images(16, seed=1), 16, 16, processor, progress=False)
-
-
 def golden_thresholds() -> torch.Tensor:
     """Thresholds calibrated once for the probes' (random-weight) tower; stored in the golden file."""
-    return _calibrated(PROBE_SPEC)
+    return tiny_thresholds(PROBE_SPEC)
 
 
 def task_thresholds() -> torch.Tensor:
     """Thresholds for the trained tower (what `dymu infer` calibrates by default); stored too."""
-    return _calibrated(TinySpec())
+    return tiny_thresholds()
 
 
 def _case_path(case: str, spec: TinySpec) -> Path:
@@ -84,14 +78,9 @@ def task_scores(case: str, thresholds: torch.Tensor) -> dict[str, Any]:
         model = load(_case_path(case, TinySpec()), thresholds=tau)
         answers = model.generate(prompts, images, max_new_tokens=TASK_NEW_TOKENS)
         texts = [a.text for a in answers]
-        by_kind = {
-            kind: shapes.accuracy([t for t, it in zip(texts, items, strict=True) if it.kind == kind],
-                                  [it for it in items if it.kind == kind])
-            for kind in shapes.QUESTIONS
-        }  # fmt: skip
         out[mode] = {
             "accuracy": round(shapes.accuracy(texts, items), 6),
-            "by_kind": {k: round(v, 6) for k, v in by_kind.items()},
+            "by_kind": {k: round(v, 6) for k, v in shapes.accuracy_by_kind(texts, items).items()},
             "visual_tokens_mean": round(sum(a.visual_tokens for a in answers) / len(answers), 4),
             "answer_ids": [a.token_ids for a in answers],
         }

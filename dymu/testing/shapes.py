@@ -177,6 +177,15 @@ def accuracy(answers: Sequence[str], items: Sequence[TaskItem]) -> float:
     return sum(is_correct(a, it.answer) for a, it in zip(answers, items, strict=True)) / len(items)
 
 
+def accuracy_by_kind(answers: Sequence[str], items: Sequence[TaskItem]) -> dict[str, float]:
+    """`accuracy` per question kind present in `items`, in `QUESTIONS` order."""
+    if len(answers) != len(items):
+        raise ValueError(f"{len(answers)} answers for {len(items)} items")
+    pairs = list(zip(answers, items, strict=True))
+    return {kind: accuracy([a for a, it in pairs if it.kind == kind], [it for _, it in pairs if it.kind == kind])
+            for kind in QUESTIONS if any(it.kind == kind for it in items)}  # fmt: skip
+
+
 SAMPLE_SCENES = (Scene("red", "circle", 2), Scene("blue", "square", 3), Scene("yellow", "triangle", 1))
 
 
