@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import GenerationMixin
 
+from . import decode_loop
 from .compat.shims import (
     cache_keyword,
     cache_tensors,
@@ -34,6 +35,7 @@ from .errors import DymuError
 from .families import LlavaParts, split_at_image
 from .options import DEFAULT, Options
 from .prefill_graph import graphed_vtu_prefill
+from .static_decode import StaticDecoder
 from .tower import TowerOutput, encode_images
 from .vtu import additive_mask, vtu_prefill
 
@@ -199,20 +201,48 @@ def _static_cache_for(parts: LlavaParts, keys: list[torch.Tensor], values: list[
     return cache
 
 
-def decode_path(parts: LlavaParts, options: Options = DEFAULT) -> tuple[str, str]:
-    """("static" | "dynamic", why) for this model, device and transformers."""
-    unsupported = static_cache_supported(parts.model)
-    if options.decode == "static" and unsupported:
-        raise DymuError(f"decode='static': {unsupported}; use decode='dynamic'")
+_static_decoders: weakref.WeakKeyDictionary[torch.nn.Module, StaticDecoder] = weakref.WeakKeyDictionary()
+
+
+def static_decoder_for(parts: LlavaParts, batch: int, length: int, dtype: torch.dtype, device: torch.device,
+                       graphs: bool) -> StaticDecoder:  # fmt: skip
+    """The model's graph-decode state for `length` positions (rounded up like the static cache), kept
+    while batch, bucket, dtype and device stay the same (its captured graph with it); only one is
+    held per model."""
+    limit = getattr(parts.decoder.config, "max_position_embeddings", None) or length
+    max_len = max(length, min(-(-length // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET, limit))
+    held = _static_decoders.pop(parts.model, None)
+    wanted = (batch, max_len, dtype, str(device), graphs and device.type == "cuda")
+    if held is None or held.key != wanted:
+        del held  # its buffers go before the new ones are allocated
+        held = StaticDecoder(parts.decoder, parts.lm_head, batch, max_len, rope_theta(parts.decoder.config), dtype,
+                             device, graphs)  # fmt: skip
+    _static_decoders[parts.model] = held
+    return held
+
+
+def decode_path(parts: LlavaParts, options: Options = DEFAULT, kwargs: dict[str, Any] | None = None) -> tuple[str, str]:
+    """("graph" | "static" | "dynamic", why) for this model, device, transformers and generate keywords."""
+    unhandled = decode_loop.unhandled(kwargs or {})
     if options.decode == "dynamic":
         return "dynamic", "asked for"
+    if options.decode == "graph":
+        if unhandled:
+            raise DymuError(f"decode='graph' does not implement {', '.join(unhandled)}; use decode='static' or "
+                            "'dynamic' (transformers' own decode)")  # fmt: skip
+        return "graph", "asked for"
+    unsupported = static_cache_supported(parts.model)
+    if options.decode == "static" and unsupported:
+        raise DymuError(f"decode='static': {unsupported}; use decode='dynamic' or 'graph'")
     if options.decode == "static":
         return "static", "asked for"
-    if unsupported:
-        return "dynamic", unsupported
     if parts.decoder.embed_tokens.weight.device.type != "cuda":
-        return "dynamic", "auto: static decode pays off on CUDA (compiled step); this model is on the CPU"
-    return "static", "auto: CUDA and a StaticCache"
+        return "dynamic", "auto: the fast decode paths pay off on CUDA; this model is on the CPU"
+    if not unhandled:
+        return "graph", "auto: CUDA (every step one replayed graph over a static KV buffer)"
+    if unsupported:
+        return "dynamic", f"auto: the graph decode does not implement {', '.join(unhandled)}, and {unsupported}"
+    return "static", f"auto: the graph decode does not implement {', '.join(unhandled)}"
 
 
 @torch.no_grad()
@@ -227,9 +257,12 @@ def generate_prepared(parts: LlavaParts, batch: PreparedBatch, max_new_tokens: i
     if limit is not None and prompt + max_new_tokens > limit:
         raise DymuError(f"max_new_tokens={max_new_tokens}: the prompt is {prompt} positions (text + image) and the "
                         f"model's context is {limit}; ask for at most {max(0, limit - prompt)} new tokens")  # fmt: skip
+    path = decode_path(parts, options, kwargs)[0]
+    if path == "graph":
+        return _graph_decode(parts, batch, max_new_tokens, options, kwargs)
     eos = kwargs.pop("eos_token_id", None)
     cache = batch.cache
-    if decode_path(parts, options)[0] == "static":
+    if path == "static":
         keys, values = cache_tensors(cache)
         cache = _static_cache_for(parts, keys, values, prompt + max_new_tokens, batch.attention_mask[:, :-1])
     gen_kwargs = {
@@ -247,3 +280,33 @@ def generate_prepared(parts: LlavaParts, batch: PreparedBatch, max_new_tokens: i
         gen_kwargs["eos_token_id"] = eos
     # GenerationMixin.generate directly: the legacy package overrides `generate` to re-embed images
     return GenerationMixin.generate(parts.model, **gen_kwargs)
+
+
+def _eos_set(given: Any, config: Any) -> set[int]:
+    found = given if given is not None else getattr(config, "eos_token_id", None)
+    if found is None:
+        return set()
+    return {int(i) for i in (found if isinstance(found, (list, tuple, set)) else [found])}
+
+
+def _graph_decode(parts: LlavaParts, batch: PreparedBatch, max_new_tokens: int, options: Options,
+                  kwargs: dict[str, Any]) -> decode_loop.DecodeOutput:  # fmt: skip
+    """dymu's own decode: the prefill's keys and values go into the static decode buffer, and each
+    new token (the first included) comes from one replayed step (`decode_loop`)."""
+    keys, values = cache_tensors(batch.cache)
+    prompt = batch.virtual_ids.shape[1]
+    config = getattr(parts.model, "generation_config", None)
+    step = static_decoder_for(parts, batch.virtual_ids.shape[0], prompt + max_new_tokens, keys[0].dtype,
+                              keys[0].device, options.cuda_graphs)  # fmt: skip
+    step.load(keys, values, batch.attention_mask[:, :-1].bool())
+    return decode_loop.run(
+        step,
+        batch.virtual_ids,
+        max_new_tokens,
+        _eos_set(kwargs.get("eos_token_id"), config),
+        int(kwargs.get("pad_token_id", 0) if kwargs.get("pad_token_id") is not None else 0),
+        decode_loop.sampling_from(kwargs, config),
+        kwargs.get("logits_processor"),
+        int(kwargs.get("min_new_tokens") or 0),
+        bool(kwargs.get("output_scores", True)),
+    )

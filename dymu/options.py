@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 from .errors import DymuError
 
-DECODE_MODES = ("auto", "static", "dynamic")
+DECODE_MODES = ("auto", "graph", "static", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -19,10 +19,11 @@ class Options:
 
     - `fused_rope`: VTU's gather + RoPE + head-major write as one Triton kernel (CUDA only);
       off: the torch ops.
-    - `cuda_graphs`: replay the DToMe tower as captured CUDA graphs (CUDA only; elsewhere it
-      runs eagerly). On by default: the eager tower is launch-bound (a host sync and dozens of
-      small kernels per merging block); on an H200 at batch 1, on varied images, it took 55 ms
-      eager against 6.9 ms as one graph (stock CLIP: 13.3 ms; reports/gpu/bench/h200_graphs_b1.md).
+    - `cuda_graphs`: replay the DToMe tower, and the graph decode's step, as captured CUDA graphs
+      (CUDA only; elsewhere they run eagerly). On by default: the eager tower is launch-bound (a
+      host sync and dozens of small kernels per merging block); on an H200 at batch 1, on varied
+      images, it took 55 ms eager against 6.9 ms as one graph (stock CLIP: 13.3 ms;
+      reports/gpu/bench/h200_graphs_b1.md).
     - `graph_segment`: 0 (default) captures the whole tower as one graph at full length, so each
       batch size is captured once and new images never cost a capture; N > 0 captures N-block
       segments and trims the padding between them (less compute, but each new padded shape is a
@@ -35,9 +36,13 @@ class Options:
       illegal memory access after transformers' compiled decode go away.
     - `deterministic_remerge`: VTU's group mean as an assignment matmul (fixed reduction
       order, no CUDA atomics) instead of `index_add_`.
-    - `decode`: "static" decodes from a pre-allocated static KV cache (on CUDA the installed
-      transformers compiles that step), "dynamic" from the growing cache; "auto" (default) is
-      static on CUDA where this transformers supports it, else dynamic. Greedy tokens are the same.
+    - `decode`: "graph" is dymu's own decode loop: the prefill's keys and values go into a static
+      KV buffer and every new token, the first included, comes from one fixed-shape step (a
+      replayed CUDA graph on CUDA; eager elsewhere). "static" is transformers' generate from its
+      StaticCache (compiled steps, but an eager first step), "dynamic" its generate from the
+      growing cache. "auto" (default): graph on CUDA unless the call asks for something the loop
+      does not implement (then static where this transformers has it), dynamic on the CPU.
+      Greedy tokens are the same on every path.
     """
 
     fused_rope: bool = True

@@ -101,7 +101,7 @@ def _to_virtual(x: torch.Tensor, remerge: Remerger, heads: int, hd: int, rope: R
     return x.transpose(1, 2)
 
 
-def _repeat_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
+def repeat_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
     """(B, H_kv, N, hd) -> (B, H_kv * rep, N, hd), each KV head repeated for its query group
     (`repeat_interleave` on dim 1, written as expand + reshape: no host sync, so capturable)."""
     bsz, kv_heads, n, hd = x.shape
@@ -118,7 +118,7 @@ def _layer(layer: nn.Module, x, rope: Rope, mask, config, remerge: Remerger):
     k = _to_virtual(attn.k_proj(h), remerge, kv_heads, hd, rope, with_rope=True)
     v = _to_virtual(attn.v_proj(h), remerge, kv_heads, hd, rope, with_rope=False)
     rep = heads // kv_heads
-    k_att, v_att = (_repeat_heads(k, rep), _repeat_heads(v, rep)) if rep > 1 else (k, v)
+    k_att, v_att = (repeat_heads(k, rep), repeat_heads(v, rep)) if rep > 1 else (k, v)
     if mask is None:
         out = F.scaled_dot_product_attention(q, k_att, v_att, is_causal=True)
     else:

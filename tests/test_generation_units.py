@@ -55,20 +55,35 @@ def test_decode_path_follows_the_option_then_the_device(monkeypatch) -> None:
     monkeypatch.setattr(generation, "static_cache_supported", lambda model: None)  # a StaticCache (>= 4.38)
     assert generation.decode_path(_parts(), Options(decode="dynamic")) == ("dynamic", "asked for")
     assert generation.decode_path(_parts(), Options(decode="static")) == ("static", "asked for")
+    assert generation.decode_path(_parts(), Options(decode="graph")) == ("graph", "asked for")
     assert generation.decode_path(_parts("cuda"), Options(decode="dynamic")) == ("dynamic", "asked for")
     assert generation.decode_path(_parts()) == (
-        "dynamic", "auto: static decode pays off on CUDA (compiled step); this model is on the CPU"
+        "dynamic", "auto: the fast decode paths pay off on CUDA; this model is on the CPU"
     )  # fmt: skip
-    assert generation.decode_path(_parts("cuda")) == ("static", "auto: CUDA and a StaticCache")
+    graph = ("graph", "auto: CUDA (every step one replayed graph over a static KV buffer)")
+    assert generation.decode_path(_parts("cuda")) == graph
+    handled = {"logits_processor": [], "min_new_tokens": 2, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
+    assert generation.decode_path(_parts("cuda"), kwargs=handled) == graph
+    assert generation.decode_path(_parts("cuda"), kwargs={"num_beams": 2, "top_k": 5}) == (
+        "static", "auto: the graph decode does not implement num_beams")  # fmt: skip
+
+
+def test_decode_path_refuses_graph_for_what_the_loop_does_not_implement() -> None:
+    with pytest.raises(DymuError) as err:
+        generation.decode_path(_parts("cuda"), Options(decode="graph"), {"repetition_penalty": 1.2, "num_beams": 2})
+    assert str(err.value) == ("decode='graph' does not implement num_beams, repetition_penalty; use "
+                              "decode='static' or 'dynamic' (transformers' own decode)")  # fmt: skip
 
 
 def test_decode_path_without_a_static_cache(monkeypatch) -> None:
     monkeypatch.setattr(generation, "static_cache_supported", lambda model: "no StaticCache here")
-    assert generation.decode_path(_parts("cuda")) == ("dynamic", "no StaticCache here")
+    assert generation.decode_path(_parts("cuda"))[0] == "graph"  # dymu's own buffer needs no StaticCache
+    assert generation.decode_path(_parts("cuda"), kwargs={"num_beams": 2}) == (
+        "dynamic", "auto: the graph decode does not implement num_beams, and no StaticCache here")  # fmt: skip
     assert generation.decode_path(_parts("cuda"), Options(decode="dynamic")) == ("dynamic", "asked for")
     with pytest.raises(DymuError) as err:
         generation.decode_path(_parts("cuda"), Options(decode="static"))
-    assert str(err.value) == "decode='static': no StaticCache here; use decode='dynamic'"
+    assert str(err.value) == "decode='static': no StaticCache here; use decode='dynamic' or 'graph'"
 
 
 # ---------------------------------------------------------------- _static_cache_for

@@ -12,6 +12,7 @@ import torch
 
 from ..api import CONV_SYSTEMS
 from ..errors import run_main
+from ..options import DECODE_MODES
 from ..quiet import quiet_libraries
 from . import llava as llava_bench
 from . import report as bench_report
@@ -67,8 +68,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens (pure timing)")
-    p.add_argument("--decode", choices=["auto", "static", "dynamic"], default="auto",
-                   help="KV cache for decoding (auto: static on CUDA where supported); per mode: NAME:decode=static")  # fmt: skip
+    p.add_argument("--decode", choices=list(DECODE_MODES), default="auto",
+                   help="decode path (graph: dymu's replayed step over a static KV buffer; static: transformers' "
+                        "StaticCache generate; dynamic: its growing cache; auto: graph on CUDA, dynamic on the CPU); "
+                        "per mode: NAME:decode=graph")  # fmt: skip
     p.add_argument(
         "--target-tokens", type=int, default=None, help="calibration target (default: patches / 8)"
     )

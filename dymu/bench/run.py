@@ -92,7 +92,7 @@ MODE_KEYS = ("vtu", "thresholds", "graphs", "fused", "decode", "segment", "prefi
 def parse_modes(spec: str, default_vtu: str, default_thresholds: str | None) -> list[Mode]:
     """`stock,dymu,dymu-none:vtu=none,dymu-b:thresholds=b.pth,dymu-eager:graphs=off` -> modes (names
     unique; `stock` and `stock-*` are stock LLaVA); `graphs` / `fused` switch the tower's CUDA graphs /
-    VTU's fused kernel for one mode, `decode=static|dynamic` its KV cache, `segment=N` the tower's
+    VTU's fused kernel for one mode, `decode=graph|static|dynamic` its decode path, `segment=N` the tower's
     blocks per captured graph (0: all), `prefill_graph=N` the largest batch whose prefill is graphed."""
     modes: list[Mode] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
@@ -267,7 +267,7 @@ def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[
         gen.update(do_sample=True, temperature=cfg.temperature, top_p=1.0, top_k=0)
     if cfg.ignore_eos:
         gen["min_new_tokens"] = cfg.max_new_tokens
-    decode = decode_path(model.parts, options)[0]
+    decode = decode_path(model.parts, options, gen)[0]
     out = generate_prepared(model.parts, batch, cfg.max_new_tokens, options, **gen)
     clock.host_mark("end")
     captures = _graph_captures(model) - captures

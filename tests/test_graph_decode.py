@@ -1,0 +1,214 @@
+"""The graph decode (`Options.decode="graph"`: dymu's own loop over `static_decode.StaticDecoder`)
+against transformers' own decode, on CPU where its step runs eagerly (the same step a CUDA graph
+replays): identical greedy tokens and matching scores for both families, stock and DyMU, batches
+with left padding, answers that end early, and generate's keywords (min_new_tokens, processors,
+eos/pad ids, sampling settings)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+import dymu
+from dymu import decode_loop, generation
+from dymu.api import format_prompt
+from dymu.matrix.golden import task_thresholds
+from dymu.options import Options
+from dymu.static_decode import StaticDecoder
+from dymu.testing import shapes, tiny
+from dymu.versions import installed
+
+FAMILY_DIRS = {"hf": tiny.HF_SAFETENSORS, "legacy": tiny.LEGACY_SAFETENSORS}
+KINDS = ("color", "count", "describe", "shape")  # prompts of different lengths: left padding
+
+
+def _skip_without_legacy(family: str) -> None:
+    if family == "legacy" and installed("llava-torch") is None:
+        pytest.skip("llava-torch not installed (nox cells install it --no-deps)")
+
+
+def _decode(model: dymu.DymuLlava, batch_args, decode: str, new: int, **kwargs):
+    batch = generation.prepare(model.parts, *batch_args) if model.thresholds is not None else \
+        generation.stock_prepare(model.parts, *batch_args[:2])  # fmt: skip
+    return generation.generate_prepared(model.parts, batch, new, Options(decode=decode), **kwargs)
+
+
+def _inputs(model: dymu.DymuLlava, n: int):
+    pictures = [image for _, image in shapes.sample_pictures(n)]
+    ids = [model.tokenize(format_prompt(shapes.QUESTIONS[KINDS[i % len(KINDS)]])) for i in range(n)]
+    assert len({len(i) for i in ids}) > 1  # the batch is left-padded
+    return ids, model.pixel_values(pictures), model.thresholds
+
+
+@pytest.mark.parametrize("mode", ["stock", "dymu"])
+@pytest.mark.parametrize("family", sorted(FAMILY_DIRS))
+def test_graph_decode_equals_transformers_decode_on_the_trained_model(trained_checkpoints, family, mode) -> None:
+    """Answers that end at EOS at different steps: the same sequences (pads after EOS included)
+    and the same scores as transformers' generate from the dynamic cache."""
+    _skip_without_legacy(family)
+    model = dymu.load(trained_checkpoints[FAMILY_DIRS[family]],
+                      thresholds=task_thresholds() if mode == "dymu" else None)  # fmt: skip
+    args = _inputs(model, 4)
+    ref = _decode(model, args, "dynamic", 12)
+    out = _decode(model, args, "graph", 12)
+    assert isinstance(out, decode_loop.DecodeOutput)
+    assert torch.equal(out.sequences, ref.sequences)
+    eos = model.tokenizer.eos_token_id
+    new = out.sequences[:, -len(out.scores) :].tolist()
+    ends = [row.index(eos) for row in new]
+    assert len(set(ends)) > 1 and all(set(row[end + 1 :]) <= {0} for row, end in zip(new, ends, strict=True))
+    assert len(out.scores) == len(ref.scores)
+    for got, want in zip(out.scores, ref.scores, strict=True):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_DIRS))
+def test_graph_decode_runs_the_full_length_with_min_new_tokens(tiny_checkpoints, calibrated, family) -> None:
+    """The random fixture (never at EOS by itself) with EOS suppressed for 6 steps, a custom
+    processor that sees the ids so far, and explicit eos/pad ids."""
+    _skip_without_legacy(family)
+    model = dymu.load(tiny_checkpoints[FAMILY_DIRS[family]], thresholds=calibrated)
+    args = _inputs(model, 3)
+    seen: dict[str, list[int]] = {}
+
+    class Record(LogitsProcessor):
+        def __init__(self, key: str) -> None:
+            self.key = key
+
+        def __call__(self, input_ids, scores):
+            seen.setdefault(self.key, []).append(input_ids.shape[1])
+            return scores
+
+    kwargs = {"min_new_tokens": 6, "eos_token_id": [5, 6], "pad_token_id": 1}
+    ref = _decode(model, args, "dynamic", 6, logits_processor=LogitsProcessorList([Record("ref")]), **kwargs)
+    out = _decode(model, args, "graph", 6, logits_processor=LogitsProcessorList([Record("out")]), **kwargs)
+    assert torch.equal(out.sequences, ref.sequences) and out.sequences.shape[1] == ref.sequences.shape[1]
+    assert seen["out"] == seen["ref"] == [ref.sequences.shape[1] - 6 + i for i in range(6)]
+    for got, want in zip(out.scores, ref.scores, strict=True):
+        assert torch.isinf(got[:, [5, 6]]).all()  # EOS suppressed before min_new_tokens
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_second_call_reuses_the_decoder_and_forgets_the_first(trained_checkpoints) -> None:
+    """The held buffers keep the last call's keys past the new prompt: the mask must hide them."""
+    model = dymu.load(trained_checkpoints[tiny.HF_SAFETENSORS], thresholds=task_thresholds())
+    args = _inputs(model, 2)
+    first = _decode(model, args, "graph", 8)
+    held = generation._static_decoders[model.parts.model]
+    short = ([args[0][0][:]], args[1][:1], args[2])
+    alone = _decode(model, short, "graph", 8)
+    assert generation._static_decoders[model.parts.model] is not held  # batch 1: a new decoder
+    again = _decode(model, args, "graph", 8)
+    assert torch.equal(again.sequences, first.sequences)
+    assert torch.equal(alone.sequences, _decode(model, short, "dynamic", 8).sequences)
+    held = generation._static_decoders[model.parts.model]
+    same = _decode(model, args, "graph", 8)
+    assert generation._static_decoders[model.parts.model] is held  # same batch and length bucket: reused
+    prompt = first.sequences.shape[1] - len(first.scores)
+    assert held.key == (2, -(-(prompt + 8) // 128) * 128, torch.float32, "cpu", False)
+    assert torch.equal(same.sequences, first.sequences)
+
+
+# ---------------------------------------------------------------- StaticDecoder alone
+
+
+def _decoder():
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                         intermediate_size=32, vocab_size=11)  # fmt: skip
+    torch.manual_seed(0)
+    decoder = LlamaModel(config).eval()
+    return decoder, torch.nn.Linear(16, 11, bias=False)
+
+
+def test_static_decoder_starts_after_the_prefill_and_advances() -> None:
+    decoder, head = _decoder()
+    step = StaticDecoder(decoder, head, 2, 8, 10000.0, torch.float32, torch.device("cpu"))
+    keys = [torch.randn(2, 2, 3, 4) for _ in range(2)]
+    values = [torch.randn(2, 2, 3, 4) for _ in range(2)]
+    valid = torch.tensor([[False, True, True], [True, True, True]])
+    step.load(keys, values, valid)
+    assert step.index.tolist() == [3] and step.positions.tolist() == [[2], [3]]
+    assert torch.equal(step.keys[1, :, :, :3], keys[1]) and torch.equal(step.values[0, :, :, :3], values[0])
+    floor = torch.finfo(torch.float32).min
+    assert step.mask[0, 0, 0].tolist() == [floor, 0, 0] + [floor] * 5
+    logits = step.step(torch.tensor([[4], [5]]))
+    assert logits.shape == (2, 11) and logits.dtype == torch.float32
+    assert step.index.tolist() == [4] and step.positions.tolist() == [[3], [4]]
+    assert step.mask[1, 0, 0].tolist() == [0, 0, 0, 0] + [floor] * 4
+    assert not torch.equal(step.keys[0, :, :, 3], torch.zeros(2, 2, 4))  # the new token's key is written
+    with pytest.raises(ValueError, match="does not fit a 8-position decode buffer"):
+        step.load([torch.zeros(2, 2, 8, 4)] * 2, [torch.zeros(2, 2, 8, 4)] * 2, torch.ones(2, 8, dtype=torch.bool))
+
+
+def test_static_decoder_step_equals_the_decoders_own_forward() -> None:
+    """One step after a prefill equals the decoder's full forward at that position (GQA, padding)."""
+    decoder, head = _decoder()
+    ids = torch.tensor([[0, 3, 4, 5, 6], [7, 8, 9, 1, 2]])
+    attention = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    positions = (attention.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        full = decoder(input_ids=ids, attention_mask=attention, position_ids=positions).last_hidden_state
+        want = head(full[:, -1]).float()
+        prefix = decoder(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
+                         use_cache=True)  # fmt: skip
+    keys, values = generation.cache_tensors(prefix.past_key_values)
+    theta = generation.rope_theta(decoder.config)
+    step = StaticDecoder(decoder, head, 2, 8, theta, torch.float32, torch.device("cpu"))
+    step.load(keys, values, attention[:, :-1].bool())
+    with torch.no_grad():
+        got = step.step(ids[:, -1:])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_warp_keeps_top_k_and_the_nucleus() -> None:
+    scores = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    top2 = decode_loop.warp(scores, decode_loop.Sampling(True, top_k=2))
+    assert torch.isinf(top2[0, [0, 2]]).all() and top2[0, 1] == 3.0 and top2[0, 3] == 2.0
+    assert torch.equal(decode_loop.warp(scores, decode_loop.Sampling(True, temperature=2.0)), scores / 2)
+    probs = scores.softmax(-1)[0]  # 0.032, 0.644, 0.087, 0.237
+    nucleus = decode_loop.warp(scores, decode_loop.Sampling(True, top_p=0.7))
+    assert torch.isfinite(nucleus[0]).tolist() == [False, True, False, True]  # 0.644 < 0.7 needs the next one
+    assert probs[1] < 0.7 < probs[1] + probs[3]
+    tiny_p = decode_loop.warp(scores, decode_loop.Sampling(True, top_p=0.01))
+    assert torch.isfinite(tiny_p[0]).tolist() == [False, True, False, False]  # the top token always stays
+
+
+def test_sampling_settings_fall_back_to_the_generation_config() -> None:
+    config = type("Config", (), {"do_sample": False, "temperature": 0.5, "top_k": 50, "top_p": None})()
+    assert decode_loop.sampling_from({}, config) == decode_loop.Sampling()
+    assert decode_loop.sampling_from({"do_sample": True, "top_p": 0.9}, config) == decode_loop.Sampling(
+        True, 0.5, 50, 0.9)  # fmt: skip
+    assert decode_loop.sampling_from({"do_sample": True}, None) == decode_loop.Sampling(True, 1.0, 0, 1.0)
+
+
+def test_sampling_draws_only_from_what_survives() -> None:
+    torch.manual_seed(0)
+    scores = torch.tensor([[0.0, 3.0, 1.0, 2.0]]).expand(400, 4)
+    drawn = decode_loop.next_tokens(scores, decode_loop.Sampling(True, top_k=2))
+    assert set(drawn.tolist()) == {1, 3}
+    counts = torch.bincount(drawn, minlength=4).float() / 400
+    assert abs(counts[1] - math.exp(3) / (math.exp(3) + math.exp(2))) < 0.08
+    assert decode_loop.next_tokens(scores[:1], decode_loop.Sampling()).tolist() == [1]
+
+
+def test_graph_decode_samples_with_a_seed(trained_checkpoints) -> None:
+    model = dymu.load(trained_checkpoints[tiny.HF_SAFETENSORS])
+    model.options = dataclasses.replace(model.options, decode="graph")
+    picture = shapes.sample_pictures(1)[0][1]
+    prompt = format_prompt(shapes.QUESTIONS["describe"])
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(model.generate(prompt, picture, max_new_tokens=6, do_sample=True, temperature=1.5)[0].token_ids)
+    assert runs[0] == runs[1]
+    greedy = model.generate(prompt, picture, max_new_tokens=6, do_sample=True, top_k=1)[0].token_ids
+    assert greedy == model.generate(prompt, picture, max_new_tokens=6)[0].token_ids
