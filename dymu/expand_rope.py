@@ -55,11 +55,13 @@ def fused_available(x: torch.Tensor, head_dim: int) -> bool:
 
 def expand_rope(x: torch.Tensor, flat: torch.Tensor, n: int, cos_half: torch.Tensor | None,
                 sin_half: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    """(B, N_u, H, hd) merged rows -> (B, H, N, hd) virtual rows, RoPE'd where tables are given.
+    """(B, N_u, H, hd) merged rows (or packed (1, T, H, hd)) -> (B, H, N, hd) virtual rows, RoPE'd
+    where tables are given.
 
-    `flat` (B*N,) indexes rows of x viewed as (B*N_u, H, hd), as `Remerger.flat` does.
+    `flat` (B*N,) indexes rows of x viewed as (B*N_u, H, hd) (or (T, H, hd)), as `Remerger.flat` does.
     """
-    bsz, _, heads, hd = x.shape
+    heads, hd = x.shape[2:]
+    bsz = flat.numel() // n
     x = x.contiguous()
     out = torch.empty(bsz, heads, n, hd, dtype=x.dtype, device=x.device)
     rope = cos_half is not None

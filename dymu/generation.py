@@ -44,14 +44,37 @@ StageHook = Callable[[str], None]
 
 
 @dataclass
-class PreparedBatch:
-    """Everything generate needs after a DyMU prefill of all but the last prompt token."""
+class PrefillKV:
+    """Per-layer post-RoPE keys and values (B, H_kv, N, hd) of a prefill, not yet in any cache."""
 
-    cache: Any
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+@dataclass
+class PreparedBatch:
+    """Everything a decode needs after a DyMU prefill of all but the last prompt token."""
+
+    kv: Any  # PrefillKV, or a transformers cache (`cache` turns the former into the latter once)
     virtual_ids: torch.Tensor  # (B, N) left-padded; image positions hold parts.image_token_id
     attention_mask: torch.Tensor  # (B, N)
     visual_tokens: list[int]  # merged visual tokens per sample (what the LLM's row-wise layers see)
     tower: TowerOutput | None  # None for the stock prefill
+    model: Any = None  # whose cache class `cache` builds
+
+    @property
+    def cache(self) -> Any:
+        """The prefill as this transformers' cache, built on first use: the graph decode reads the
+        tensors directly and never pays for the copy into a DynamicCache."""
+        if isinstance(self.kv, PrefillKV):
+            self.kv = new_cache(self.model, self.kv.keys, self.kv.values)
+        return self.kv
+
+    def tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer (keys, values), from wherever they are now."""
+        if isinstance(self.kv, PrefillKV):
+            return self.kv.keys, self.kv.values
+        return cache_tensors(self.kv)
 
 
 def virtual_mask(decoder: torch.nn.Module, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -113,19 +136,28 @@ def prepare(
         virtual_ids.append(before + [parts.image_token_id] * n_image + after)
 
     bsz = len(prompt_ids)
-    width_u = max(len(r) for r in merged_rows)  # merged rows minus the last token, plus a dump row
     width_v = max(len(v) for v in virtual_ids)
-    merged = torch.zeros(bsz, width_u, merged_rows[0].shape[-1], dtype=dtype, device=device)
     idx = torch.zeros(bsz, width_v - 1, dtype=torch.long, device=device)  # padded positions -> dump row 0
     mask = torch.zeros(bsz, width_v, dtype=torch.long, device=device)
     ids_out = torch.full((bsz, width_v), parts.image_token_id, dtype=torch.long, device=device)
+    # Packed merged rows (a zero dump row, then each sample's rows, last prompt token left out) unless
+    # the deterministic remerge wants them padded (B, longest + 1): the row-wise layers then run on
+    # the real rows, not on B x the longest image's.
+    packed = bsz > 1 and not options.deterministic_remerge
+    width_u = max(len(r) for r in merged_rows)
+    start = 1
     for b in range(bsz):
-        rows, n_u, n_v = merged_rows[b][:-1], len(merged_rows[b]) - 1, len(virtual_ids[b])
-        start_u = width_u - n_u
-        merged[b, start_u:] = rows
+        n_u, n_v = len(merged_rows[b]) - 1, len(virtual_ids[b])
+        start_u = start if packed else width_u - n_u
         idx[b, width_v - n_v :] = start_u + idx_rows[b][:-1]
         mask[b, width_v - n_v :] = 1
         ids_out[b, width_v - n_v :] = torch.tensor(virtual_ids[b], device=device)
+        start += n_u
+    zero = merged_rows[0].new_zeros(1, merged_rows[0].shape[-1])
+    if packed:
+        merged = torch.cat([zero, *(r[:-1] for r in merged_rows)])[None]
+    else:
+        merged = torch.stack([torch.cat([zero.expand(width_u - len(r) + 1, -1), r[:-1]]) for r in merged_rows])
     valid = mask[:, :-1].bool()
     positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, :-1]
     attn_mask = None if bool(valid.all()) else virtual_mask(parts.decoder, valid, dtype)
@@ -134,7 +166,7 @@ def prepare(
         parts.decoder, merged, idx, rope_theta(parts.decoder.config), positions, attn_mask, options
     )
     visual = [int(n) for n in tower.num_tokens]
-    return PreparedBatch(new_cache(parts.model, out.keys, out.values), ids_out, mask, visual, tower)
+    return PreparedBatch(PrefillKV(out.keys, out.values), ids_out, mask, visual, tower, parts.model)
 
 
 @torch.no_grad()
@@ -175,7 +207,7 @@ def stock_prepare(
         inputs_embeds=embeds, attention_mask=mask[:, :-1], position_ids=positions, use_cache=True
     )
     keys, values = cache_tensors(out.past_key_values)
-    return PreparedBatch(new_cache(parts.model, keys, values), ids_out, mask, [features.shape[1]] * bsz, None)
+    return PreparedBatch(PrefillKV(keys, values), ids_out, mask, [features.shape[1]] * bsz, None, parts.model)
 
 
 # One static KV cache per model, reused while batch size, bucketed length, dtype and device stay
@@ -248,8 +280,9 @@ def decode_path(parts: LlavaParts, options: Options = DEFAULT, kwargs: dict[str,
 @torch.no_grad()
 def generate_prepared(parts: LlavaParts, batch: PreparedBatch, max_new_tokens: int, options: Options = DEFAULT,
                       **kwargs: Any):  # fmt: skip
-    """Decode from a prepared batch with the model's own generate (greedy unless asked otherwise),
-    from its dynamic cache or copied into a static one (`options.decode`)."""
+    """Decode from a prepared batch (greedy unless asked otherwise) on the path `options.decode`
+    picks (`decode_path`): dymu's graph decode, or the model's own generate from its dynamic cache
+    or a static copy."""
     limit = getattr(parts.decoder.config, "max_position_embeddings", None)
     prompt = batch.virtual_ids.shape[1]
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -261,10 +294,11 @@ def generate_prepared(parts: LlavaParts, batch: PreparedBatch, max_new_tokens: i
     if path == "graph":
         return _graph_decode(parts, batch, max_new_tokens, options, kwargs)
     eos = kwargs.pop("eos_token_id", None)
-    cache = batch.cache
     if path == "static":
-        keys, values = cache_tensors(cache)
+        keys, values = batch.tensors()
         cache = _static_cache_for(parts, keys, values, prompt + max_new_tokens, batch.attention_mask[:, :-1])
+    else:
+        cache = batch.cache
     gen_kwargs = {
         "input_ids": batch.virtual_ids,
         "attention_mask": batch.attention_mask,
@@ -293,7 +327,7 @@ def _graph_decode(parts: LlavaParts, batch: PreparedBatch, max_new_tokens: int, 
                   kwargs: dict[str, Any]) -> decode_loop.DecodeOutput:  # fmt: skip
     """dymu's own decode: the prefill's keys and values go into the static decode buffer, and each
     new token (the first included) comes from one replayed step (`decode_loop`)."""
-    keys, values = cache_tensors(batch.cache)
+    keys, values = batch.tensors()
     prompt = batch.virtual_ids.shape[1]
     config = getattr(parts.model, "generation_config", None)
     step = static_decoder_for(parts, batch.virtual_ids.shape[0], prompt + max_new_tokens, keys[0].dtype,

@@ -66,10 +66,10 @@ def pad_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """Left-pad rows and virtual positions to `BUCKET` multiples; returns the padded inputs (the
     mask always explicit) and the two pad widths."""
-    bsz, n_u, dim = merged.shape
-    n = idx.shape[1]
+    rows_bsz, n_u, dim = merged.shape  # 1 for packed rows (vtu_prefill)
+    bsz, n = idx.shape
     pad_u, pad_n = _round_up(n_u) - n_u, _round_up(n) - n
-    merged_p = torch.cat([merged.new_zeros(bsz, pad_u, dim), merged], dim=1)
+    merged_p = torch.cat([merged.new_zeros(rows_bsz, pad_u, dim), merged], dim=1)
     idx_p = torch.cat([idx.new_zeros(bsz, pad_n), idx + pad_u], dim=1)  # padding reads zero row 0
     positions_p = torch.cat([positions.new_zeros(bsz, pad_n), positions], dim=1)
     total = n + pad_n

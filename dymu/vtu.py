@@ -33,33 +33,40 @@ class Remerger:
     """M·e (expand) and P·y (remerge) for one fixed mapping, built once per prefill and shared
     by every layer.
 
+    Merged rows are padded (B, N_u, ...) with `idx` local to each sample, or packed (1, T, ...):
+    every sample's rows one after another (no padding rows for the GEMMs to run on), with `idx`
+    indexing that global row list (`packed=True`).
     Expand is a row gather. Remerge sums in float32 (`scatter.group_sum`) and scales by
     1/count; `deterministic=True` uses a 0/1 assignment-matrix bmm instead (fixed reduction
-    order, no CUDA atomics; measured slower on H200).
+    order, no CUDA atomics; measured slower on H200; padded rows only).
     """
 
-    def __init__(self, idx: torch.Tensor, n_u: int, dtype: torch.dtype, deterministic: bool = False) -> None:
+    def __init__(self, idx: torch.Tensor, n_u: int, dtype: torch.dtype, deterministic: bool = False,
+                 packed: bool = False) -> None:  # fmt: skip
         bsz, n = idx.shape
-        self.n_u, self.n, self.deterministic = n_u, n, deterministic
-        self.flat = (idx + torch.arange(bsz, device=idx.device)[:, None] * n_u).flatten()
-        counts = group_count(self.flat, bsz * n_u).view(bsz, n_u, 1)
+        if packed and deterministic:
+            raise ValueError("the deterministic remerge needs padded rows (B, N_u, D), not packed ones")
+        self.bsz, self.n_u, self.n, self.deterministic = bsz, n_u, n, deterministic
+        self.rows = n_u if packed else bsz * n_u
+        self.merged_shape = (1, n_u) if packed else (bsz, n_u)
+        self.flat = (idx if packed else idx + torch.arange(bsz, device=idx.device)[:, None] * n_u).flatten()
+        counts = group_count(self.flat, self.rows).view(*self.merged_shape, 1)
         self.inv_count = 1.0 / counts.float().clamp_min(1.0)
         self.assign = assignment(idx, n_u, dtype) if deterministic else None
 
     def expand(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N_u, ...) -> (B, N, ...): each virtual row copies its merged row."""
-        bsz = x.shape[0]
-        rows = x.reshape(bsz * self.n_u, *x.shape[2:]).index_select(0, self.flat)
-        return rows.view(bsz, self.n, *x.shape[2:])
+        """(B, N_u, ...) or packed (1, T, ...) -> (B, N, ...): each virtual row copies its merged row."""
+        rows = x.reshape(self.rows, *x.shape[2:]).index_select(0, self.flat)
+        return rows.view(self.bsz, self.n, *x.shape[2:])
 
     def __call__(self, y: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) -> (B, N_u, D): the mean of each merged row's virtual rows."""
-        bsz, _, dim = y.shape
+        """(B, N, D) -> (B, N_u, D) or packed (1, T, D): the mean of each merged row's virtual rows."""
+        dim = y.shape[-1]
         if self.assign is not None:
             summed = torch.bmm(self.assign, y).float()
         else:
-            summed = group_sum(y.reshape(bsz * self.n, dim).float(), self.flat, bsz * self.n_u)
-            summed = summed.view(bsz, self.n_u, dim)
+            summed = group_sum(y.reshape(self.bsz * self.n, dim).float(), self.flat, self.rows)
+            summed = summed.view(*self.merged_shape, dim)
         return (summed * self.inv_count).to(y.dtype)
 
 
@@ -110,7 +117,7 @@ def repeat_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
 
 def _layer(layer: nn.Module, x, rope: Rope, mask, config, remerge: Remerger):
     attn = layer.self_attn
-    bsz = x.shape[0]
+    bsz = remerge.bsz
     heads, kv_heads, hd = config.num_attention_heads, config.num_key_value_heads, head_dim(config)
     h = layer.input_layernorm(x)
     # projections on the N_u merged rows; then gather to the N virtual rows (+ RoPE there)
@@ -147,15 +154,19 @@ def vtu_prefill(
 ) -> VtuOutput:
     """Fast-VTU prefill of a Llama decoder (`LlamaModel`-like: `layers`, `norm`, `config`).
 
-    `merged_embeds` (B, N_u, D) is the merged input sequence, `idx` (B, N) maps virtual
-    positions to merged rows, `positions` (B, N) are RoPE positions (default 0..N-1) and
+    `merged_embeds` (B, N_u, D) is the merged input sequence and `idx` (B, N) maps virtual
+    positions to each sample's merged rows; or `merged_embeds` is packed (1, T, D), every
+    sample's rows one after another, and `idx` indexes those T rows (detected by the batch sizes
+    differing; at batch 1 both layouts are the same), so the row-wise layers run on the real rows
+    only, not on B x the longest. `hidden` comes back in the layout given. `positions` (B, N) are RoPE positions (default 0..N-1) and
     `mask` is an additive (B, 1, N, N) attention mask over the virtual sequence (None: plain
     causal, nothing padded; see `additive_mask`).
     """
     config = decoder.config
     positions = default_positions(idx) if positions is None else positions
     x = merged_embeds
-    remerge = Remerger(idx, merged_embeds.shape[1], merged_embeds.dtype, options.deterministic_remerge)
+    packed = merged_embeds.shape[0] != idx.shape[0]
+    remerge = Remerger(idx, merged_embeds.shape[1], merged_embeds.dtype, options.deterministic_remerge, packed)
     hd = head_dim(config)
     if options.fused_rope and fused_available(merged_embeds, hd):  # RoPE in float32 from float32 halves
         rope = Rope(*half_tables(*rope_cos_sin(positions, hd, rope_theta, torch.float32)), fused=True)

@@ -174,7 +174,7 @@ def test_generate_prepared_decodes_from_a_static_copy_when_asked(generate_calls,
     monkeypatch.setattr(generation, "static_cache_supported", lambda model: None)
     keys, values = _kv(n=5)
     parts, batch = _parts(), _batch(prompt=6)
-    batch.cache = ((keys[0], values[0]),)  # the tuple form every stack's cache_tensors reads
+    batch.kv = ((keys[0], values[0]),)  # the tuple form every stack's cache_tensors reads
     generation.generate_prepared(parts, batch, 3, Options(decode="static"))
     (call,) = built
     assert call["keys"][0] is keys[0] and call["values"][0] is values[0] and call["max_len"] == 128

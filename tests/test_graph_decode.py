@@ -212,3 +212,26 @@ def test_graph_decode_samples_with_a_seed(trained_checkpoints) -> None:
     assert runs[0] == runs[1]
     greedy = model.generate(prompt, picture, max_new_tokens=6, do_sample=True, top_k=1)[0].token_ids
     assert greedy == model.generate(prompt, picture, max_new_tokens=6)[0].token_ids
+
+
+def test_prepare_packs_rows_and_matches_the_padded_prefill(trained_checkpoints, monkeypatch) -> None:
+    """A batch's DyMU prefill runs on packed rows; the padded layout (which the deterministic
+    remerge keeps) gives the same keys and values."""
+    model = dymu.load(trained_checkpoints[tiny.HF_SAFETENSORS], thresholds=task_thresholds())
+    ids, pixels, tau = _inputs(model, 4)
+    shapes_seen = []
+    real = generation.vtu_prefill
+
+    def recording(decoder, merged, *args):
+        shapes_seen.append(tuple(merged.shape[:2]))
+        return real(decoder, merged, *args)
+
+    monkeypatch.setattr(generation, "vtu_prefill", recording)
+    packed = generation.prepare(model.parts, ids, pixels, tau)
+    padded = generation.prepare(model.parts, ids, pixels, tau, options=Options(deterministic_remerge=True))
+    rows = [len(i) - 2 + n for i, n in zip(ids, packed.visual_tokens, strict=True)]  # no <image>, no last token
+    assert shapes_seen == [(1, 1 + sum(rows)), (4, 1 + max(rows))]  # the dump row, then the rows
+    assert len(set(packed.visual_tokens)) > 1  # rows of different lengths
+    for got_layers, want_layers in zip(packed.tensors(), padded.tensors(), strict=True):
+        for got, want in zip(got_layers, want_layers, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

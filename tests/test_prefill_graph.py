@@ -55,6 +55,28 @@ def test_padded_batch_with_mask_equals_plain() -> None:
             torch.testing.assert_close(g[b, :, first:], a[b, :, first:], rtol=1e-5, atol=1e-5)
 
 
+def test_packed_batch_with_mask_equals_plain() -> None:
+    """Packed merged rows (1, T, D) of a batch of 2 (what `prepare` sends at batch > 1) through
+    the graphed path (eager here, same padding) give the plain prefill's keys and values."""
+    model = small_llama()
+    torch.manual_seed(3)
+    merged = torch.randn(1, 9, 64)
+    merged[:, 0] = 0  # the dump row; sample 0 owns rows 1-5, sample 1 rows 6-8
+    idx = torch.tensor([[1, 1, 2, 3, 3, 4, 5, 5, 5], [0, 0, 0, 6, 6, 7, 7, 8, 8]])
+    valid = idx != 0
+    positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    mask = additive_mask(causal[None, None] & valid[:, None, None, :], merged.dtype)
+    args = (model, merged, idx, rope_theta(model.config), positions, mask)
+    plain = vtu_prefill(*args)
+    graphed = graphed_vtu_prefill(*args)
+    assert graphed.hidden.shape == plain.hidden.shape == (1, 9, 64)
+    torch.testing.assert_close(graphed.hidden[0, 1:], plain.hidden[0, 1:], rtol=1e-5, atol=1e-5)
+    for b, first in enumerate((0, 3)):
+        for a, g in zip(plain.keys + plain.values, graphed.keys + graphed.values, strict=True):
+            torch.testing.assert_close(g[b, :, first:], a[b, :, first:], rtol=1e-5, atol=1e-5)
+
+
 def test_padding_reaches_bucket_multiples_and_masks_the_padding() -> None:
     merged, idx = torch.randn(1, 40, 8), torch.randint(1, 40, (1, 70))
     merged_p, idx_p, positions_p, mask_p, pad_u, pad_n = pad_inputs(merged, idx, torch.arange(70)[None], None)

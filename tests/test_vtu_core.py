@@ -100,6 +100,30 @@ def test_padded_batch_equals_single_rows(deterministic: bool) -> None:
         torch.testing.assert_close(batched.hidden[b, :n_u], single.hidden[0], rtol=1e-4, atol=1e-5)
 
 
+def test_packed_rows_equal_padded_rows() -> None:
+    """Packed merged rows (1, T, D) with global indices give each sample the padded layout's
+    hidden rows, keys and values: the row-wise layers never see another sample's rows."""
+    model = small_llama()
+    rows = [torch.randn(6, 64), torch.randn(3, 64), torch.randn(5, 64)]
+    local = [torch.tensor([0, 1, 1, 2, 3, 4, 4, 5]), torch.tensor([0, 0, 1, 1, 1, 2, 2, 2]),
+             torch.tensor([0, 1, 2, 2, 3, 3, 4, 4])]  # fmt: skip
+    padded = torch.zeros(3, 6, 64)
+    for b, r in enumerate(rows):
+        padded[b, : len(r)] = r
+    packed = torch.cat(rows)[None]
+    starts = [0, 6, 9]
+    plain = prefill(model, padded, torch.stack(local))
+    out = prefill(model, packed, torch.stack([i + s for i, s in zip(local, starts, strict=True)]))
+    assert out.hidden.shape == (1, 14, 64)
+    for b, r in enumerate(rows):
+        got = out.hidden[0, starts[b] : starts[b] + len(r)]
+        torch.testing.assert_close(got, plain.hidden[b, : len(r)], rtol=1e-5, atol=1e-5)
+    for got, want in zip(out.keys + out.values, plain.keys + plain.values, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="deterministic remerge needs padded rows"):
+        prefill(model, packed, torch.stack(local), deterministic=True)
+
+
 def naive_group_mean(y: torch.Tensor, idx: torch.Tensor, n_u: int) -> torch.Tensor:
     """Reference P·y: row (b, u) is the plain mean of the y[b, j] with idx[b, j] == u (0 if none)."""
     out = torch.zeros(y.shape[0], n_u, y.shape[2], dtype=torch.float64)
