@@ -157,7 +157,9 @@ def prepare(
     if packed:
         merged = torch.cat([zero, *(r[:-1] for r in merged_rows)])[None]
     else:
-        merged = torch.stack([torch.cat([zero.expand(width_u - len(r) + 1, -1), r[:-1]]) for r in merged_rows])
+        merged = torch.stack(
+            [torch.cat([zero.expand(width_u - len(r) + 1, -1), r[:-1]]) for r in merged_rows]
+        )
     valid = mask[:, :-1].bool()
     positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, :-1]
     attn_mask = None if bool(valid.all()) else virtual_mask(parts.decoder, valid, dtype)
@@ -253,7 +255,9 @@ def static_decoder_for(parts: LlavaParts, batch: int, length: int, dtype: torch.
     return held
 
 
-def decode_path(parts: LlavaParts, options: Options = DEFAULT, kwargs: dict[str, Any] | None = None) -> tuple[str, str]:
+def decode_path(
+    parts: LlavaParts, options: Options = DEFAULT, kwargs: dict[str, Any] | None = None
+) -> tuple[str, str]:
     """("graph" | "static" | "dynamic", why) for this model, device, transformers and generate keywords."""
     unhandled = decode_loop.unhandled(kwargs or {})
     if options.decode == "dynamic":
@@ -273,7 +277,10 @@ def decode_path(parts: LlavaParts, options: Options = DEFAULT, kwargs: dict[str,
     if not unhandled:
         return "graph", "auto: CUDA (every step one replayed graph over a static KV buffer)"
     if unsupported:
-        return "dynamic", f"auto: the graph decode does not implement {', '.join(unhandled)}, and {unsupported}"
+        return (
+            "dynamic",
+            f"auto: the graph decode does not implement {', '.join(unhandled)}, and {unsupported}",
+        )
     return "static", f"auto: the graph decode does not implement {', '.join(unhandled)}"
 
 

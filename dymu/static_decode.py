@@ -35,7 +35,11 @@ class StaticDecoder:
         config = decoder.config
         self.decoder, self.lm_head, self.theta = decoder, lm_head, rope_theta
         self.batch, self.length, self.dtype, self.device = batch, length, dtype, device
-        self.heads, self.kv_heads, self.hd = config.num_attention_heads, config.num_key_value_heads, head_dim(config)
+        self.heads, self.kv_heads, self.hd = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            head_dim(config),
+        )
         shape = (len(decoder.layers), batch, self.kv_heads, length, self.hd)
         # zeros, not empty: masked positions still enter attention's value product (0 x NaN = NaN)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
@@ -58,7 +62,9 @@ class StaticDecoder:
         `valid` (B, n) marking real (not left-padding) positions. The next step writes position n."""
         n = keys[0].shape[2]
         if n >= self.length:
-            raise ValueError(f"a prefill of {n} positions does not fit a {self.length}-position decode buffer")
+            raise ValueError(
+                f"a prefill of {n} positions does not fit a {self.length}-position decode buffer"
+            )
         if self.use_graph and self.graph is None:
             self._capture()  # its warm-up steps scribble on the state, which is reset below
         for layer, (k, v) in enumerate(zip(keys, values, strict=True)):

@@ -166,7 +166,9 @@ def vtu_prefill(
     positions = default_positions(idx) if positions is None else positions
     x = merged_embeds
     packed = merged_embeds.shape[0] != idx.shape[0]
-    remerge = Remerger(idx, merged_embeds.shape[1], merged_embeds.dtype, options.deterministic_remerge, packed)
+    remerge = Remerger(
+        idx, merged_embeds.shape[1], merged_embeds.dtype, options.deterministic_remerge, packed
+    )
     hd = head_dim(config)
     if options.fused_rope and fused_available(merged_embeds, hd):  # RoPE in float32 from float32 halves
         rope = Rope(*half_tables(*rope_cos_sin(positions, hd, rope_theta, torch.float32)), fused=True)

@@ -62,7 +62,13 @@ def test_decode_path_follows_the_option_then_the_device(monkeypatch) -> None:
     )  # fmt: skip
     graph = ("graph", "auto: CUDA (every step one replayed graph over a static KV buffer)")
     assert generation.decode_path(_parts("cuda")) == graph
-    handled = {"logits_processor": [], "min_new_tokens": 2, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
+    handled = {
+        "logits_processor": [],
+        "min_new_tokens": 2,
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_p": 0.9,
+    }
     assert generation.decode_path(_parts("cuda"), kwargs=handled) == graph
     assert generation.decode_path(_parts("cuda"), kwargs={"num_beams": 2, "top_k": 5}) == (
         "static", "auto: the graph decode does not implement num_beams")  # fmt: skip
@@ -70,7 +76,9 @@ def test_decode_path_follows_the_option_then_the_device(monkeypatch) -> None:
 
 def test_decode_path_refuses_graph_for_what_the_loop_does_not_implement() -> None:
     with pytest.raises(DymuError) as err:
-        generation.decode_path(_parts("cuda"), Options(decode="graph"), {"repetition_penalty": 1.2, "num_beams": 2})
+        generation.decode_path(
+            _parts("cuda"), Options(decode="graph"), {"repetition_penalty": 1.2, "num_beams": 2}
+        )
     assert str(err.value) == ("decode='graph' does not implement num_beams, repetition_penalty; use "
                               "decode='static' or 'dynamic' (transformers' own decode)")  # fmt: skip
 

@@ -46,7 +46,9 @@ def _inputs(model: dymu.DymuLlava, n: int):
 
 @pytest.mark.parametrize("mode", ["stock", "dymu"])
 @pytest.mark.parametrize("family", sorted(FAMILY_DIRS))
-def test_graph_decode_equals_transformers_decode_on_the_trained_model(trained_checkpoints, family, mode) -> None:
+def test_graph_decode_equals_transformers_decode_on_the_trained_model(
+    trained_checkpoints, family, mode
+) -> None:
     """Answers that end at EOS at different steps: the same sequences (pads after EOS included)
     and the same scores as transformers' generate from the dynamic cache."""
     _skip_without_legacy(family)
@@ -143,7 +145,9 @@ def test_static_decoder_starts_after_the_prefill_and_advances() -> None:
     assert step.mask[1, 0, 0].tolist() == [0, 0, 0, 0] + [floor] * 4
     assert not torch.equal(step.keys[0, :, :, 3], torch.zeros(2, 2, 4))  # the new token's key is written
     with pytest.raises(ValueError, match="does not fit a 8-position decode buffer"):
-        step.load([torch.zeros(2, 2, 8, 4)] * 2, [torch.zeros(2, 2, 8, 4)] * 2, torch.ones(2, 8, dtype=torch.bool))
+        step.load(
+            [torch.zeros(2, 2, 8, 4)] * 2, [torch.zeros(2, 2, 8, 4)] * 2, torch.ones(2, 8, dtype=torch.bool)
+        )
 
 
 def test_static_decoder_step_equals_the_decoders_own_forward() -> None:
@@ -208,7 +212,9 @@ def test_graph_decode_samples_with_a_seed(trained_checkpoints) -> None:
     runs = []
     for _ in range(2):
         torch.manual_seed(3)
-        runs.append(model.generate(prompt, picture, max_new_tokens=6, do_sample=True, temperature=1.5)[0].token_ids)
+        runs.append(
+            model.generate(prompt, picture, max_new_tokens=6, do_sample=True, temperature=1.5)[0].token_ids
+        )
     assert runs[0] == runs[1]
     greedy = model.generate(prompt, picture, max_new_tokens=6, do_sample=True, top_k=1)[0].token_ids
     assert greedy == model.generate(prompt, picture, max_new_tokens=6)[0].token_ids
@@ -229,7 +235,9 @@ def test_prepare_packs_rows_and_matches_the_padded_prefill(trained_checkpoints, 
     monkeypatch.setattr(generation, "vtu_prefill", recording)
     packed = generation.prepare(model.parts, ids, pixels, tau)
     padded = generation.prepare(model.parts, ids, pixels, tau, options=Options(deterministic_remerge=True))
-    rows = [len(i) - 2 + n for i, n in zip(ids, packed.visual_tokens, strict=True)]  # no <image>, no last token
+    rows = [
+        len(i) - 2 + n for i, n in zip(ids, packed.visual_tokens, strict=True)
+    ]  # no <image>, no last token
     assert shapes_seen == [(1, 1 + sum(rows)), (4, 1 + max(rows))]  # the dump row, then the rows
     assert len(set(packed.visual_tokens)) > 1  # rows of different lengths
     for got_layers, want_layers in zip(packed.tensors(), padded.tensors(), strict=True):
