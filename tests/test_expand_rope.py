@@ -51,3 +51,14 @@ def test_cpu_tensors_take_the_torch_path() -> None:
     from dymu.expand_rope import fused_available
 
     assert not fused_available(torch.zeros(1), 128)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="in-process run for the mutation session (TRITON_INTERPRET=1 set before triton is imported)")  # fmt: skip
+def test_triton_kernel_in_process_under_the_interpreter() -> None:
+    """The same check in this process, so a tool that traces this process (mutmut, through
+    scripts/mutation.py, which sets TRITON_INTERPRET=1 for the vtu group) sees `expand_rope` run."""
+    triton = pytest.importorskip("triton")
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 2):
+        pytest.skip(f"triton {triton.__version__}: its interpreter cannot run this kernel on CPU tensors")
+    exec(compile(CODE, "expand_rope_check", "exec"), {})  # noqa: S102 - our own constant code
