@@ -61,4 +61,4 @@ def test_triton_kernel_in_process_under_the_interpreter() -> None:
     triton = pytest.importorskip("triton")
     if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 2):
         pytest.skip(f"triton {triton.__version__}: its interpreter cannot run this kernel on CPU tensors")
-    exec(compile(CODE, "expand_rope_check", "exec"), {})  # noqa: S102 - our own constant code
+    exec(compile(CODE, "expand_rope_check", "exec"), {})  # our own constant code
