@@ -118,7 +118,9 @@ def _undecorate(folder: Path, modules: list[str]) -> list[str]:
 INTERPRETED = {"vtu"}
 
 
-def mutmut(folder: Path, *args: str, timeout: int | None = None, group: str = "") -> subprocess.CompletedProcess:
+def mutmut(
+    folder: Path, *args: str, timeout: int | None = None, group: str = ""
+) -> subprocess.CompletedProcess:
     exe = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or shutil.which("mutmut")
     if exe is None:
         raise SystemExit("mutmut is not installed in this environment (pip install mutmut)")
