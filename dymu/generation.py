@@ -2,13 +2,14 @@
 
 Prefill: the DToMe tower merges the image, the projector maps the merged features, and
 fast VTU runs the decoder on the merged sequence while attending at the virtual length
-(text + 576 image positions). The resulting post-RoPE keys/values fill a real
-transformers cache of the installed version. The final prompt token (always text) is
-left to the model's own `generate`, which attends over that cache exactly as VTU would
-for a singleton group, then decodes normally. So no generate internals are touched.
+(text + 576 image positions). The resulting post-RoPE keys/values are the prefill; the final
+prompt token (always text) is the decode's first input, which attends over them exactly as
+VTU would for a singleton group. Decoding (`generate_prepared`) is dymu's graph loop over a
+static buffer (`decode_loop`), or the model's own `generate` from a real transformers cache
+of the installed version; no generate internals are touched.
 
-Batches are left-padded (the virtual sequence and the merged one), with positions
-`cumsum(mask) - 1` as transformers' generate derives them.
+Batches are left-padded in the virtual sequence, with positions `cumsum(mask) - 1` as
+transformers' generate derives them; the merged rows are packed (see `prepare`).
 """
 
 from __future__ import annotations
@@ -345,7 +346,7 @@ def _graph_decode(parts: LlavaParts, batch: PreparedBatch, max_new_tokens: int, 
         batch.virtual_ids,
         max_new_tokens,
         _eos_set(kwargs.get("eos_token_id"), config),
-        int(kwargs.get("pad_token_id", 0) if kwargs.get("pad_token_id") is not None else 0),
+        int(kwargs.get("pad_token_id") or 0),
         decode_loop.sampling_from(kwargs, config),
         kwargs.get("logits_processor"),
         int(kwargs.get("min_new_tokens") or 0),

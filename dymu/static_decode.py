@@ -1,8 +1,8 @@
 """One-token decode steps of a Llama decoder over pre-allocated buffers, replayed as one CUDA graph.
 
-Why: transformers' `generate` runs its first step eagerly and sets itself up around it (about
-38 ms for a 7B model on an H200, against 6.6 ms for its later, compiled steps), and a user's time
-to first token pays for that. Here every step, the first included, is the same fixed-shape
+Why: transformers' `generate` runs its first step eagerly and sets itself up around it (27-34 ms
+for a 7B model on an H100, against 7.6-8.8 ms for its later, compiled steps;
+reports/gpu/bench/h100_decode_paths_b*.md), and a user's time to first token pays for that. Here every step, the first included, is the same fixed-shape
 computation on fixed buffers: per-layer keys and values (B, H_kv, L, hd), the input ids, the
 RoPE positions, the write index and the additive key mask. The step updates them in place (the
 token at `index` is unmasked and written, then `index` and `positions` advance), so on CUDA one
