@@ -262,9 +262,12 @@ def test_a_batch_that_runs_out_of_memory_is_retried_in_halves(tmp_path, monkeypa
 
 
 def test_stock_variants_take_only_the_decode_switch() -> None:
-    modes = bench_run.parse_modes("stock,stock-dynamic:decode=dynamic,dymu:decode=static", "fast", None)
+    modes = bench_run.parse_modes("stock,stock-dynamic:decode=dynamic,dymu:decode=static,dymu-g:decode=graph",
+                                  "fast", None)  # fmt: skip
     assert [(m.kind, m.options.decode if m.options else None) for m in modes] == [
-        ("stock", None), ("stock", "dynamic"), ("dymu", "static")]  # fmt: skip
+        ("stock", None), ("stock", "dynamic"), ("dymu", "static"), ("dymu", "graph")]  # fmt: skip
+    with pytest.raises(DymuError, match="decode='beam'"):
+        bench_run.parse_modes("dymu:decode=beam", "fast", None)
     with pytest.raises(DymuError, match="unknown option"):
         bench_run.parse_modes("stock-x:vtu=none", "fast", None)
 
