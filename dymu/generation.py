@@ -240,18 +240,17 @@ _static_decoders: weakref.WeakKeyDictionary[torch.nn.Module, StaticDecoder] = we
 
 
 def static_decoder_for(parts: LlavaParts, batch: int, length: int, dtype: torch.dtype, device: torch.device,
-                       graphs: bool) -> StaticDecoder:  # fmt: skip
+                       graphs: bool, fused_rope: bool = True) -> StaticDecoder:  # fmt: skip
     """The model's graph-decode state for `length` positions (rounded up like the static cache), kept
     while batch, bucket, dtype and device stay the same (its captured graph with it); only one is
     held per model."""
     limit = getattr(parts.decoder.config, "max_position_embeddings", None) or length
     max_len = max(length, min(-(-length // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET, limit))
     held = _static_decoders.pop(parts.model, None)
-    wanted = (batch, max_len, dtype, str(device), graphs and device.type == "cuda")
-    if held is None or held.key != wanted:
+    if held is None or held.key != (batch, max_len, dtype, str(device), graphs, fused_rope):
         del held  # its buffers go before the new ones are allocated
         held = StaticDecoder(parts.decoder, parts.lm_head, batch, max_len, rope_theta(parts.decoder.config), dtype,
-                             device, graphs)  # fmt: skip
+                             device, graphs, fused_rope)  # fmt: skip
     _static_decoders[parts.model] = held
     return held
 
@@ -339,7 +338,7 @@ def _graph_decode(parts: LlavaParts, batch: PreparedBatch, max_new_tokens: int, 
     prompt = batch.virtual_ids.shape[1]
     config = getattr(parts.model, "generation_config", None)
     step = static_decoder_for(parts, batch.virtual_ids.shape[0], prompt + max_new_tokens, keys[0].dtype,
-                              keys[0].device, options.cuda_graphs)  # fmt: skip
+                              keys[0].device, options.cuda_graphs, options.fused_rope)  # fmt: skip
     step.load(keys, values, batch.attention_mask[:, :-1].bool())
     return decode_loop.run(
         step,

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cuda_graph import own_cublas_workspace
-from .rope import apply_rope, rope_cos_sin
+from .expand_rope import expand_rope, fused_available
+from .rope import apply_rope, half_tables, rope_cos_sin
 from .vtu import head_dim, repeat_heads
 
 
@@ -31,7 +32,7 @@ class StaticDecoder:
     """Decode state for one (batch, length, dtype, device) and the step that advances it."""
 
     def __init__(self, decoder: nn.Module, lm_head: nn.Module, batch: int, length: int, rope_theta: float,
-                 dtype: torch.dtype, device: torch.device, graphs: bool = True) -> None:  # fmt: skip
+                 dtype: torch.dtype, device: torch.device, graphs: bool = True, fused_rope: bool = True) -> None:  # fmt: skip
         config = decoder.config
         self.decoder, self.lm_head, self.theta = decoder, lm_head, rope_theta
         self.batch, self.length, self.dtype, self.device = batch, length, dtype, device
@@ -48,14 +49,21 @@ class StaticDecoder:
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.index = torch.zeros(1, dtype=torch.long, device=device)
         self.mask = torch.full((batch, 1, 1, length), torch.finfo(dtype).min, dtype=dtype, device=device)
+        self.key = (
+            batch,
+            length,
+            dtype,
+            str(device),
+            graphs,
+            fused_rope,
+        )  # what was asked (what reuse compares)
         self.use_graph = graphs and self.keys.is_cuda
+        # RoPE + head-major write of q and k as VTU's Triton kernel (one row per sample), not ~5 torch ops each
+        self.fused = fused_rope and fused_available(self.keys, self.hd)
+        self.rows = torch.arange(batch, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.captures = 0
-
-    @property
-    def key(self) -> tuple:
-        return (self.batch, self.length, self.dtype, str(self.device), self.use_graph)
 
     def load(self, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor) -> None:
         """Start a decode from a prefill: per-layer (B, H_kv, n, hd) keys/values at positions 0..n-1,
@@ -90,13 +98,18 @@ class StaticDecoder:
         decoder, bsz, hd = self.decoder, self.batch, self.hd
         self.mask.index_fill_(-1, self.index, 0.0)  # the new token sees itself
         x = decoder.embed_tokens(self.ids)
-        cos, sin = rope_cos_sin(self.positions, hd, self.theta, x.dtype)
+        if self.fused:
+            cos, sin = half_tables(*rope_cos_sin(self.positions, hd, self.theta, torch.float32))
+        else:
+            cos, sin = rope_cos_sin(self.positions, hd, self.theta, x.dtype)
         rep = self.heads // self.kv_heads
         for layer_index, layer in enumerate(decoder.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = apply_rope(attn.q_proj(h).view(bsz, 1, self.heads, hd), cos, sin).transpose(1, 2)
-            k = apply_rope(attn.k_proj(h).view(bsz, 1, self.kv_heads, hd), cos, sin).transpose(1, 2)
+            q, k = (
+                self._rope(attn.q_proj(h), self.heads, cos, sin),
+                self._rope(attn.k_proj(h), self.kv_heads, cos, sin),
+            )
             v = attn.v_proj(h).view(bsz, 1, self.kv_heads, hd).transpose(1, 2)
             keys, values = self.keys[layer_index], self.values[layer_index]
             keys.index_copy_(2, self.index, k)
@@ -110,6 +123,13 @@ class StaticDecoder:
         self.index.add_(1)
         self.positions.add_(1)
         return logits
+
+    def _rope(self, x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """(B, 1, heads * hd) projections -> RoPE'd (B, heads, 1, hd)."""
+        x = x.view(self.batch, 1, heads, self.hd)
+        if self.fused:
+            return expand_rope(x, self.rows, 1, cos, sin)
+        return apply_rope(x, cos, sin).transpose(1, 2)
 
     def _capture(self) -> None:
         """Record `_step` as one CUDA graph (after two warm-up steps on a side stream); if this

@@ -29,6 +29,11 @@ CODE = textwrap.dedent(
     assert got.shape == want.shape == (B, H, N, hd) and got.is_contiguous()
     assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
     assert torch.equal(expand_rope(x, remerge.flat, N, None, None), remerge.expand(x).transpose(1, 2))
+    # the graph decode's use: one new token per row (flat = the rows, N = 1)
+    one = torch.randn(B, 1, H, hd)
+    cos1, sin1 = rope_cos_sin(torch.tensor([[7], [300]]), hd, 10000.0, torch.float32)
+    got1 = expand_rope(one, torch.arange(B), 1, *half_tables(cos1, sin1))
+    assert torch.allclose(got1, apply_rope(one, cos1, sin1).transpose(1, 2), atol=1e-5)
     print("kernel ok")
     """
 )
