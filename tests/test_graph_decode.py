@@ -243,3 +243,69 @@ def test_prepare_packs_rows_and_matches_the_padded_prefill(trained_checkpoints, 
     for got_layers, want_layers in zip(packed.tensors(), padded.tensors(), strict=True):
         for got, want in zip(got_layers, want_layers, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_static_decoder_keeps_the_models_dtype_and_refuses_mismatched_layers() -> None:
+    decoder, head = _decoder()
+    decoder, head = decoder.to(torch.bfloat16), head.to(torch.bfloat16)
+    step = StaticDecoder(decoder, head, 1, 8, 10000.0, torch.bfloat16, torch.device("cpu"))
+    assert step.keys.dtype == step.values.dtype == step.mask.dtype == torch.bfloat16
+    assert (
+        step.positions.dtype == step.index.dtype == torch.long and step.captures == 0 and step.graph is None
+    )
+    kv = [torch.randn(1, 2, 3, 4, dtype=torch.bfloat16) for _ in range(2)]
+    step.load(kv, kv, torch.ones(1, 3, dtype=torch.bool))
+    logits = step.step(torch.tensor([[4]]))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert step.captures == 0  # no graph off-GPU
+    with pytest.raises(ValueError, match="zip"):
+        step.load(kv, kv[:1], torch.ones(1, 3, dtype=torch.bool))
+
+
+class _Scripted:
+    """A stand-in step: call t gives row b a logit of 1 at token script[t][b] (0 elsewhere)."""
+
+    def __init__(self, script: list[list[int]], vocab: int = 6) -> None:
+        self.ids = torch.zeros(len(script[0]), 1, dtype=torch.long)
+        self.script, self.vocab, self.fed = script, vocab, []
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        self.fed.append(ids.view(-1).tolist())
+        logits = torch.zeros(len(ids), self.vocab)
+        logits[torch.arange(len(ids)), torch.tensor(self.script[len(self.fed) - 1])] = 1.0
+        return logits
+
+
+def test_run_stops_pads_and_scores_as_generate_does() -> None:
+    prompt = torch.tensor([[7, 8], [7, 5]])
+    steps = _Scripted([[3, 1], [1, 2], [4, 3], [0, 0]])
+    out = decode_loop.run(steps, prompt, 10, {3}, pad_token_id=9)
+    assert out.sequences.tolist() == [[7, 8, 3, 9, 9], [7, 5, 1, 2, 3]]  # row 0 ends at once, row 1 at step 3
+    assert out.scores is None and steps.fed == [
+        [8, 5],
+        [3, 1],
+        [9, 2],
+    ]  # fed: the last prompt token, then picks
+    scored = decode_loop.run(_Scripted([[3, 1], [1, 2], [4, 3]]), prompt, 2, {3}, 9, output_scores=True)
+    assert scored.sequences.shape[1] == 4 and len(scored.scores) == 2  # max_new_tokens ends it
+    held = decode_loop.run(_Scripted([[3, 3], [3, 3], [3, 2]]), prompt, 3, {3}, 9, min_new_tokens=2,
+                           output_scores=True)  # fmt: skip
+    assert held.sequences[:, 2:].tolist() == [[0, 0, 3], [0, 0, 2]]  # EOS masked for two steps (ties: id 0)
+    assert torch.isinf(held.scores[0][:, 3]).all() and not torch.isinf(held.scores[2]).any()
+    no_eos = decode_loop.run(_Scripted([[3, 3], [3, 3]]), prompt, 2, set(), 9)
+    assert no_eos.sequences[:, 2:].tolist() == [[3, 3], [3, 3]]
+
+
+def test_warp_edges() -> None:
+    scores = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    one = decode_loop.warp(scores, decode_loop.Sampling(True, top_k=1))
+    assert torch.isfinite(one[0]).tolist() == [False, True, False, False]
+    assert one[0, 0] == -math.inf
+    sure = torch.tensor([[0.0, -100.0, -100.0]])  # the cumulative mass reaches 1.0 after the first token
+    assert torch.isfinite(decode_loop.warp(sure, decode_loop.Sampling(True, top_p=1.0))).all()
+    even = torch.tensor([[1.0, 1.0, -50.0]])  # 0.5 / 0.5: top_p 0.5 is reached by the first token alone
+    half = decode_loop.warp(even, decode_loop.Sampling(True, top_p=0.5))[0]
+    assert half[0] == 1.0 and half[1] == half[2] == -math.inf
+    config = type("Config", (), {"do_sample": True, "temperature": None, "top_k": None, "top_p": None})()
+    assert decode_loop.sampling_from({}, config) == decode_loop.Sampling(True, 1.0, 0, 1.0)
+    assert decode_loop.sampling_from({"do_sample": False}, config) == decode_loop.Sampling()
