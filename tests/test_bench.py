@@ -184,7 +184,8 @@ def test_a_planted_delay_appears_in_its_own_stage_only(tmp_path, monkeypatch) ->
     assert abs(vision["prefill"] - clean["prefill"]) < 25 and abs(vision["tpot"] - clean["tpot"]) < 25
     assert decode["tpot"] - clean["tpot"] > 45 and decode["first_step"] - clean["first_step"] > 45  # lm_head
     assert abs(decode["vision"] - clean["vision"]) < 25 and abs(decode["prefill"] - clean["prefill"]) < 25
-    assert vision["ttft"] - clean["ttft"] > 45 and decode["ttft"] - clean["ttft"] > 45  # TTFT sees both
+    # TTFT sees both (a host time: on a loaded 2-core machine its p50 over 3 samples moved by up to 12 ms)
+    assert vision["ttft"] - clean["ttft"] > 30 and decode["ttft"] - clean["ttft"] > 30
 
 
 def test_modes_parse_variants_and_refuse_nonsense() -> None:
