@@ -29,6 +29,8 @@ CODE = textwrap.dedent(
     assert got.shape == want.shape == (B, H, N, hd) and got.is_contiguous()
     assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
     assert torch.equal(expand_rope(x, remerge.flat, N, None, None), remerge.expand(x).transpose(1, 2))
+    half_out = expand_rope(x.half(), remerge.flat, N, *half_tables(cos, sin))
+    assert half_out.dtype == torch.float16 and torch.allclose(half_out.float(), want, atol=1e-2)
     # the graph decode's use: one new token per row (flat = the rows, N = 1)
     one = torch.randn(B, 1, H, hd)
     cos1, sin1 = rope_cos_sin(torch.tensor([[7], [300]]), hd, 10000.0, torch.float32)
@@ -56,6 +58,24 @@ def test_cpu_tensors_take_the_torch_path() -> None:
     from dymu.expand_rope import fused_available
 
     assert not fused_available(torch.zeros(1), 128)
+
+
+def test_the_kernel_needs_an_even_power_of_two_half_head_and_triton(monkeypatch) -> None:
+    """What `fused_available` decides for a CUDA tensor (a stand-in here): the kernel's head block is
+    a power-of-two half head, and Triton must import."""
+    from types import SimpleNamespace
+
+    from dymu.expand_rope import fused_available
+
+    pytest.importorskip("triton")
+    cuda = SimpleNamespace(is_cuda=True)
+    assert fused_available(cuda, 128) and fused_available(cuda, 64) and fused_available(cuda, 2)
+    assert not fused_available(cuda, 96)  # half 48
+    assert not fused_available(cuda, 80)  # half 40
+    assert not fused_available(cuda, 12)  # half 6
+    assert not fused_available(cuda, 9)  # odd
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    assert not fused_available(cuda, 128)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",

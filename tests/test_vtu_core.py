@@ -120,7 +120,9 @@ def test_packed_rows_equal_padded_rows() -> None:
         torch.testing.assert_close(got, plain.hidden[b, : len(r)], rtol=1e-5, atol=1e-5)
     for got, want in zip(out.keys + out.values, plain.keys + plain.values, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="deterministic remerge needs padded rows"):
+    with pytest.raises(
+        ValueError, match=r"^the deterministic remerge needs padded rows \(B, N_u, D\), not packed ones$"
+    ):
         prefill(model, packed, torch.stack(local), deterministic=True)
 
 
@@ -192,3 +194,16 @@ def test_vtu_prefill_keeps_the_models_dtype() -> None:
     out = prefill(model, merged, torch.tensor([[0, 1, 1, 2, 3, 3]]))
     assert out.hidden.dtype == torch.bfloat16
     assert {t.dtype for t in out.keys + out.values} == {torch.bfloat16}
+
+
+def test_cpu_prefill_never_calls_the_triton_kernel(monkeypatch) -> None:
+    """Off-GPU the fused path is never taken, even with `fused_rope` on (the default)."""
+
+    def kernel(*args, **kwargs):
+        raise AssertionError("expand_rope called for CPU tensors")
+
+    monkeypatch.setattr(vtu_module, "expand_rope", kernel)
+    model = small_llama()
+    merged, idx = torch.randn(1, 4, 64), torch.tensor([[0, 1, 1, 2, 3]])
+    out = prefill(model, merged, idx)
+    assert out.keys[0].shape == (1, 2, 5, 16)
