@@ -309,3 +309,4 @@ def test_warp_edges() -> None:
     config = type("Config", (), {"do_sample": True, "temperature": None, "top_k": None, "top_p": None})()
     assert decode_loop.sampling_from({}, config) == decode_loop.Sampling(True, 1.0, 0, 1.0)
     assert decode_loop.sampling_from({"do_sample": False}, config) == decode_loop.Sampling()
+    assert decode_loop.sampling_from({}, None) == decode_loop.Sampling()  # no generation config: greedy
