@@ -190,6 +190,8 @@ def test_generate_prepared_decodes_from_a_static_copy_when_asked(generate_calls,
     assert generate_calls[-1][1][cache_keyword()].number == 1
     generation.generate_prepared(parts, batch, 3, Options(decode="dynamic"))
     assert generate_calls[-1][1][cache_keyword()] is batch.cache and len(built) == 1
+    generation.generate_prepared(parts, batch, 130, Options(decode="static"))  # 6 + 130 -> the 256 bucket
+    assert built[-1]["max_len"] == 256
 
 
 @pytest.mark.parametrize("new", [0, -1, 2.0, "3", None])

@@ -310,3 +310,51 @@ def test_warp_edges() -> None:
     assert decode_loop.sampling_from({}, config) == decode_loop.Sampling(True, 1.0, 0, 1.0)
     assert decode_loop.sampling_from({"do_sample": False}, config) == decode_loop.Sampling()
     assert decode_loop.sampling_from({}, None) == decode_loop.Sampling()  # no generation config: greedy
+
+
+# ---------------------------------------------------------------- prepare / stock_prepare contracts
+
+
+@pytest.mark.parametrize("mode", ["stock", "dymu"])
+def test_prefills_mark_the_vision_edge_once_and_report_their_tokens(trained_checkpoints, mode) -> None:
+    model = dymu.load(trained_checkpoints[tiny.HF_SAFETENSORS], thresholds=task_thresholds())
+    ids, pixels, tau = _inputs(model, 3)
+    marks: list[str] = []
+    if mode == "stock":
+        batch = generation.stock_prepare(model.parts, ids, pixels, on_stage=marks.append)
+        patches = (model.parts.vision.config.image_size // model.parts.vision.config.patch_size) ** 2
+        assert batch.tower is None and batch.visual_tokens == [patches] * 3
+    else:
+        batch = generation.prepare(model.parts, ids, pixels, tau, on_stage=marks.append)
+        assert batch.tower is not None and batch.visual_tokens == [int(n) for n in batch.tower.num_tokens]
+        assert all(0 < n < 64 for n in batch.visual_tokens)
+    assert marks == ["vision"]
+    assert batch.model is model.parts.model
+
+
+def test_prepare_refuses_an_unknown_vtu_and_passes_its_options_on(trained_checkpoints, monkeypatch) -> None:
+    model = dymu.load(trained_checkpoints[tiny.HF_SAFETENSORS], thresholds=task_thresholds())
+    ids, pixels, tau = _inputs(model, 2)
+    with pytest.raises(dymu.DymuError) as err:
+        generation.prepare(model.parts, ids, pixels, tau, vtu="half")
+    assert str(err.value) == "vtu='half' is not one of fast, none"
+    seen = []
+    real = generation.vtu_prefill
+
+    def recording(*args):
+        seen.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(generation, "vtu_prefill", recording)
+    options = Options(fused_rope=False, deterministic_remerge=True)
+    generation.prepare(model.parts, ids, pixels, tau, options=options)
+    assert seen == [options]
+
+
+def test_stock_prepare_asks_for_a_cache_whatever_the_config_says(trained_checkpoints) -> None:
+    model = dymu.load(trained_checkpoints[tiny.HF_SAFETENSORS])
+    ids, pixels, _ = _inputs(model, 2)
+    model.parts.decoder.config.use_cache = False
+    batch = generation.stock_prepare(model.parts, ids, pixels)
+    keys, _ = batch.tensors()
+    assert keys[0].shape[2] == batch.virtual_ids.shape[1] - 1
