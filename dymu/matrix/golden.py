@@ -9,7 +9,6 @@ stored next to the data.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -148,10 +147,6 @@ def load_golden(path: Path = GOLDEN_FILE) -> dict[str, Any]:
         if key in data:
             data[key] = [float(t) for t in data[key]]  # "inf" is stored as a string
     return data
-
-
-def digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _stored(tau: torch.Tensor) -> list[float | str]:
