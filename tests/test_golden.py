@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from legacy_family import skip_without_legacy
 
 from dymu.compat.shims import bin_blocked
 from dymu.errors import DymuError
 from dymu.matrix.golden import CASES, case_family, compare, expected, load_golden, run_case
-from dymu.versions import installed
 
 GOLDEN = load_golden()
 ATOL = GOLDEN["tolerance"]["top_logits_atol"]
@@ -18,14 +18,9 @@ TAU = torch.tensor(GOLDEN["thresholds"])
 TASK_TAU = torch.tensor(GOLDEN["task_thresholds"])
 
 
-def _skip_without_legacy(case: str) -> None:
-    if case_family(case) == "legacy" and installed("llava-torch") is None:
-        pytest.skip("llava-torch not installed (nox cells install it --no-deps)")
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_cell_reproduces_the_reference_cell(case: str) -> None:
-    _skip_without_legacy(case)
+    skip_without_legacy(case_family(case))
     if case.endswith("-bin") and bin_blocked():
         with pytest.raises(DymuError, match=r"only \.bin weights"):
             run_case(case, TAU)
@@ -85,7 +80,7 @@ def test_golden_catches_a_lost_bos_where_the_fix_is_needed_and_only_there() -> N
     from dymu.compat import registry
     from dymu.testing.tiny import NOBOS
 
-    _skip_without_legacy(NOBOS)
+    skip_without_legacy(case_family(NOBOS))
     registry.disable(["bos-default"])
     try:
         problems = compare(run_case(NOBOS, TAU), expected(GOLDEN, NOBOS), ATOL)

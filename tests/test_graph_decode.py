@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from legacy_family import FAMILY_DIRS, skip_without_legacy
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import dymu
@@ -20,15 +21,8 @@ from dymu.matrix.golden import task_thresholds
 from dymu.options import Options
 from dymu.static_decode import StaticDecoder
 from dymu.testing import shapes, tiny
-from dymu.versions import installed
 
-FAMILY_DIRS = {"hf": tiny.HF_SAFETENSORS, "legacy": tiny.LEGACY_SAFETENSORS}
 KINDS = ("color", "count", "describe", "shape")  # prompts of different lengths: left padding
-
-
-def _skip_without_legacy(family: str) -> None:
-    if family == "legacy" and installed("llava-torch") is None:
-        pytest.skip("llava-torch not installed (nox cells install it --no-deps)")
 
 
 def _decode(model: dymu.DymuLlava, batch_args, decode: str, new: int, **kwargs):
@@ -51,7 +45,7 @@ def test_graph_decode_equals_transformers_decode_on_the_trained_model(
 ) -> None:
     """Answers that end at EOS at different steps: the same sequences (pads after EOS included)
     and the same scores as transformers' generate from the dynamic cache."""
-    _skip_without_legacy(family)
+    skip_without_legacy(family)
     model = dymu.load(trained_checkpoints[FAMILY_DIRS[family]],
                       thresholds=task_thresholds() if mode == "dymu" else None)  # fmt: skip
     args = _inputs(model, 4)
@@ -72,7 +66,7 @@ def test_graph_decode_equals_transformers_decode_on_the_trained_model(
 def test_graph_decode_runs_the_full_length_with_min_new_tokens(tiny_checkpoints, calibrated, family) -> None:
     """The random fixture (never at EOS by itself) with EOS suppressed for 6 steps, a custom
     processor that sees the ids so far, and explicit eos/pad ids."""
-    _skip_without_legacy(family)
+    skip_without_legacy(family)
     model = dymu.load(tiny_checkpoints[FAMILY_DIRS[family]], thresholds=calibrated)
     args = _inputs(model, 3)
     seen: dict[str, list[int]] = {}

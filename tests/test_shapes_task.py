@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from legacy_family import FAMILY_DIRS, skip_without_legacy
 from PIL import Image
 
 import dymu
@@ -20,7 +21,6 @@ from dymu.bench.run import run as run_bench
 from dymu.matrix import report
 from dymu.matrix.golden import task_thresholds
 from dymu.testing import shapes, shapes_data, tiny
-from dymu.versions import installed
 
 # What the committed weights reach on the 48-question test set (hf family, float32 CPU): see the
 # golden file for the exact answers. The floors sit below the measured values so that a model that
@@ -179,19 +179,11 @@ def test_the_matrix_report_shows_each_cells_task_accuracy() -> None:
     assert no_inference["task_accuracy"] == "-"
 
 
-FAMILY_DIRS = {"hf": tiny.HF_SAFETENSORS, "legacy": tiny.LEGACY_SAFETENSORS}
-
-
-def _skip_without_legacy(family: str) -> None:
-    if family == "legacy" and installed("llava-torch") is None:
-        pytest.skip("llava-torch not installed (nox cells install it --no-deps)")
-
-
 @pytest.mark.parametrize("family", sorted(FAMILY_DIRS))
 def test_answers_that_end_early_are_the_same_alone_and_in_a_batch(trained_checkpoints, family: str) -> None:
     """The trained model stops at EOS after one word or after several: a batch pads the short
     answers, and those pads must not reach `Answer.token_ids`."""
-    _skip_without_legacy(family)
+    skip_without_legacy(family)
     model = dymu.load(trained_checkpoints[FAMILY_DIRS[family]], thresholds=task_thresholds())
     scene, picture = shapes.sample_pictures(1)[0]
     prompts = [format_prompt(shapes.QUESTIONS[k]) for k in ("color", "describe")]
@@ -207,7 +199,7 @@ def test_answers_that_end_early_are_the_same_alone_and_in_a_batch(trained_checkp
 def test_stock_generate_pads_answers_that_end_early(trained_checkpoints, family: str) -> None:
     """Each family's own generate (the legacy one runs a prompt at a time) returns one padded
     (batch, longest) block, as a batched transformers generate does."""
-    _skip_without_legacy(family)
+    skip_without_legacy(family)
     model = dymu.load(trained_checkpoints[FAMILY_DIRS[family]])
     pictures = [image for _, image in shapes.sample_pictures(2)]
     ids = [model.tokenize(format_prompt(shapes.QUESTIONS[k])) for k in ("color", "describe")]
