@@ -15,7 +15,7 @@ from . import families
 from .checkpoints import check_sizes, check_weights
 from .errors import DymuError
 from .families import Family, LlavaParts, split_at_image
-from .generation import PreparedBatch, generate_prepared, prepare
+from .generation import PreparedBatch, generate_prepared, id_set, prepare
 from .images import preprocess
 from .options import DEFAULT, Options
 from .thresholds import load_thresholds, validate_thresholds
@@ -115,9 +115,7 @@ class DymuLlava:
             found = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         if found is None and self.tokenizer is not None:
             found = getattr(self.tokenizer, "eos_token_id", None)
-        if found is None:
-            return set()
-        return {int(i) for i in (found if isinstance(found, (list, tuple, set)) else [found])}
+        return id_set(found)
 
 
 def _through_first(row: list[int], stops: set[int]) -> list[int]:

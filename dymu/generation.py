@@ -221,12 +221,17 @@ STATIC_CACHE_BUCKET = 128
 _static_caches: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, Any]] = weakref.WeakKeyDictionary()
 
 
+def _bucketed(parts: LlavaParts, length: int) -> int:
+    """`length` rounded up to a multiple of STATIC_CACHE_BUCKET, within the model's context."""
+    limit = getattr(parts.decoder.config, "max_position_embeddings", None) or length
+    return max(length, min(-(-length // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET, limit))
+
+
 def _static_cache_for(parts: LlavaParts, keys: list[torch.Tensor], values: list[torch.Tensor], length: int,
                       valid: torch.Tensor) -> Any:  # fmt: skip
     """The model's static cache, reset and filled with the prefill (a new one when the shape changes;
     the old one is dropped first, so only one is ever held)."""
-    limit = getattr(parts.decoder.config, "max_position_embeddings", None) or length
-    max_len = max(length, min(-(-length // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET, limit))
+    max_len = _bucketed(parts, length)
     key = (keys[0].shape[0], max_len, keys[0].dtype, str(keys[0].device))
     held = _static_caches.pop(parts.model, None)
     reuse = held[1] if held is not None and held[0] == key else None
@@ -244,8 +249,7 @@ def static_decoder_for(parts: LlavaParts, batch: int, length: int, dtype: torch.
     """The model's graph-decode state for `length` positions (rounded up like the static cache), kept
     while batch, bucket, dtype and device stay the same (its captured graph with it); only one is
     held per model."""
-    limit = getattr(parts.decoder.config, "max_position_embeddings", None) or length
-    max_len = max(length, min(-(-length // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET, limit))
+    max_len = _bucketed(parts, length)
     held = _static_decoders.pop(parts.model, None)
     if held is None or held.key != (batch, max_len, dtype, str(device), graphs, fused_rope):
         del held  # its buffers go before the new ones are allocated
@@ -323,8 +327,8 @@ def generate_prepared(parts: LlavaParts, batch: PreparedBatch, max_new_tokens: i
     return GenerationMixin.generate(parts.model, **gen_kwargs)
 
 
-def _eos_set(given: Any, config: Any) -> set[int]:
-    found = given if given is not None else getattr(config, "eos_token_id", None)
+def id_set(found: Any) -> set[int]:
+    """An `eos_token_id`-style value (None, one id, or several) as a set of ids."""
     if found is None:
         return set()
     return {int(i) for i in (found if isinstance(found, (list, tuple, set)) else [found])}
@@ -340,11 +344,13 @@ def _graph_decode(parts: LlavaParts, batch: PreparedBatch, max_new_tokens: int, 
     step = static_decoder_for(parts, batch.virtual_ids.shape[0], prompt + max_new_tokens, keys[0].dtype,
                               keys[0].device, options.cuda_graphs, options.fused_rope)  # fmt: skip
     step.load(keys, values, batch.attention_mask[:, :-1].bool())
+    given = kwargs.get("eos_token_id")
+    eos = id_set(given if given is not None else getattr(config, "eos_token_id", None))
     return decode_loop.run(
         step,
         batch.virtual_ids,
         max_new_tokens,
-        _eos_set(kwargs.get("eos_token_id"), config),
+        eos,
         int(kwargs.get("pad_token_id") or 0),
         decode_loop.sampling_from(kwargs, config),
         kwargs.get("logits_processor"),

@@ -2,8 +2,8 @@
 
 Why: transformers' `generate` runs its first step eagerly and sets itself up around it (27-34 ms
 for a 7B model on an H100, against 7.6-8.8 ms for its later, compiled steps;
-reports/gpu/bench/h100_decode_paths_b*.md), and a user's time to first token pays for that. Here every step, the first included, is the same fixed-shape
-computation on fixed buffers: per-layer keys and values (B, H_kv, L, hd), the input ids, the
+reports/gpu/bench/h100_decode_paths_b*.md), and a user's time to first token pays for that. Here
+every step, the first included, is the same fixed-shape computation on fixed buffers: per-layer keys and values (B, H_kv, L, hd), the input ids, the
 RoPE positions, the write index and the additive key mask. The step updates them in place (the
 token at `index` is unmasked and written, then `index` and `positions` advance), so on CUDA one
 captured graph replays every step. Off-GPU, or with graphs off, the same step runs eagerly: the
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cuda_graph import own_cublas_workspace
+from .cuda_graph import CapturedCall
 from .expand_rope import expand_rope, fused_available
 from .rope import apply_rope, half_tables, rope_cos_sin
 from .vtu import head_dim, repeat_heads
@@ -45,24 +45,18 @@ class StaticDecoder:
         # zeros, not empty: masked positions still enter attention's value product (0 x NaN = NaN)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.ids = torch.zeros(
+            batch, 1, dtype=torch.long, device=device
+        )  # the example the capture copies into
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.index = torch.zeros(1, dtype=torch.long, device=device)
         self.mask = torch.full((batch, 1, 1, length), torch.finfo(dtype).min, dtype=dtype, device=device)
-        self.key = (
-            batch,
-            length,
-            dtype,
-            str(device),
-            graphs,
-            fused_rope,
-        )  # what was asked (what reuse compares)
+        self.key = (batch, length, dtype, str(device), graphs, fused_rope)  # as asked: what reuse compares
         self.use_graph = graphs and self.keys.is_cuda
         # RoPE + head-major write of q and k as VTU's Triton kernel (one row per sample), not ~5 torch ops each
         self.fused = fused_rope and fused_available(self.keys, self.hd)
         self.rows = torch.arange(batch, device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
+        self.graph: CapturedCall | None = None
         self.captures = 0
 
     def load(self, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor) -> None:
@@ -87,17 +81,15 @@ class StaticDecoder:
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B, 1); returns the next-token logits (B, vocab) in float32. The
         returned tensor is the graph's output buffer: the next step overwrites it."""
-        self.ids.copy_(ids.view(self.batch, 1))
+        ids = ids.view(self.batch, 1)
         if self.graph is None:
-            return self._step()
-        self.graph.replay()
-        assert self.logits is not None
-        return self.logits
+            return self._step(ids)
+        return self.graph(ids)[0]
 
-    def _step(self) -> torch.Tensor:
+    def _step(self, ids: torch.Tensor) -> torch.Tensor:
         decoder, bsz, hd = self.decoder, self.batch, self.hd
         self.mask.index_fill_(-1, self.index, 0.0)  # the new token sees itself
-        x = decoder.embed_tokens(self.ids)
+        x = decoder.embed_tokens(ids)
         if self.fused:
             cos, sin = half_tables(*rope_cos_sin(self.positions, hd, self.theta, torch.float32))
         else:
@@ -132,22 +124,13 @@ class StaticDecoder:
         return apply_rope(x, cos, sin).transpose(1, 2)
 
     def _capture(self) -> None:
-        """Record `_step` as one CUDA graph (after two warm-up steps on a side stream); if this
-        stack cannot capture it, say so once and stay eager."""
-        stream = torch.cuda.Stream(device=self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+        """Record `_step` as one CUDA graph (`cuda_graph.CapturedCall`: warm-up on a side stream, its
+        own cuBLAS workspace); if this stack cannot capture it, say so once and stay eager."""
         try:
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._step()
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with own_cublas_workspace(), torch.cuda.graph(graph):
-                self.logits = self._step()
+            self.graph = CapturedCall(lambda ids: (self._step(ids),), (self.ids,), pool=None)
         except RuntimeError as err:
             self.use_graph = False
             warnings.warn(f"dymu: CUDA graph capture of the decode step failed, running eager ({err})",
                           RuntimeWarning, stacklevel=3)  # fmt: skip
             return
-        self.graph = graph
         self.captures += 1
