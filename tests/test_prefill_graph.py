@@ -35,13 +35,23 @@ def test_unpadded_prefill_equals_plain(fused: bool) -> None:
     _assert_same(plain, graphed_vtu_prefill(model, merged, idx, rope_theta(model.config), options=options))
 
 
-def test_padded_batch_with_mask_equals_plain() -> None:
+@pytest.mark.parametrize("packed", [False, True])
+def test_batch_with_mask_equals_plain(packed: bool) -> None:
+    """A batch of 2 whose shorter row is left-padded, its merged rows padded (B, N_u, D) or packed
+    (1, T, D) as `prepare` sends them at batch > 1: the graphed path (eager here, same padding)
+    gives the plain prefill's hidden rows, keys and values at the real positions."""
     model = small_llama()
-    torch.manual_seed(2)
-    merged = torch.randn(2, 6, 64)
-    merged[:, 0] = 0
-    merged[1, :3] = 0  # the shorter row is left-padded
-    idx = torch.tensor([[1, 1, 2, 3, 3, 4, 5, 5, 5], [0, 0, 0, 3, 3, 4, 4, 5, 5]])
+    if packed:
+        torch.manual_seed(3)
+        merged = torch.randn(1, 9, 64)
+        merged[:, 0] = 0  # the dump row; sample 0 owns rows 1-5, sample 1 rows 6-8
+        idx = torch.tensor([[1, 1, 2, 3, 3, 4, 5, 5, 5], [0, 0, 0, 6, 6, 7, 7, 8, 8]])
+    else:
+        torch.manual_seed(2)
+        merged = torch.randn(2, 6, 64)
+        merged[:, 0] = 0
+        merged[1, :3] = 0  # the shorter row is left-padded
+        idx = torch.tensor([[1, 1, 2, 3, 3, 4, 5, 5, 5], [0, 0, 0, 3, 3, 4, 4, 5, 5]])
     valid = idx != 0
     positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
     causal = torch.ones(9, 9, dtype=torch.bool).tril()
@@ -49,29 +59,9 @@ def test_padded_batch_with_mask_equals_plain() -> None:
     args = (model, merged, idx, rope_theta(model.config), positions, mask)
     plain = vtu_prefill(*args)
     graphed = graphed_vtu_prefill(*args)
-    for b, first in enumerate((0, 3)):  # compare the real positions (padded ones are dumps either way)
-        torch.testing.assert_close(graphed.hidden[b, 1:], plain.hidden[b, 1:], rtol=1e-5, atol=1e-5)
-        for a, g in zip(plain.keys + plain.values, graphed.keys + graphed.values, strict=True):
-            torch.testing.assert_close(g[b, :, first:], a[b, :, first:], rtol=1e-5, atol=1e-5)
-
-
-def test_packed_batch_with_mask_equals_plain() -> None:
-    """Packed merged rows (1, T, D) of a batch of 2 (what `prepare` sends at batch > 1) through
-    the graphed path (eager here, same padding) give the plain prefill's keys and values."""
-    model = small_llama()
-    torch.manual_seed(3)
-    merged = torch.randn(1, 9, 64)
-    merged[:, 0] = 0  # the dump row; sample 0 owns rows 1-5, sample 1 rows 6-8
-    idx = torch.tensor([[1, 1, 2, 3, 3, 4, 5, 5, 5], [0, 0, 0, 6, 6, 7, 7, 8, 8]])
-    valid = idx != 0
-    positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
-    causal = torch.ones(9, 9, dtype=torch.bool).tril()
-    mask = additive_mask(causal[None, None] & valid[:, None, None, :], merged.dtype)
-    args = (model, merged, idx, rope_theta(model.config), positions, mask)
-    plain = vtu_prefill(*args)
-    graphed = graphed_vtu_prefill(*args)
-    assert graphed.hidden.shape == plain.hidden.shape == (1, 9, 64)
-    torch.testing.assert_close(graphed.hidden[0, 1:], plain.hidden[0, 1:], rtol=1e-5, atol=1e-5)
+    assert graphed.hidden.shape == plain.hidden.shape == merged.shape
+    # compare the real positions (row 0 and padded positions are dumps either way)
+    torch.testing.assert_close(graphed.hidden[:, 1:], plain.hidden[:, 1:], rtol=1e-5, atol=1e-5)
     for b, first in enumerate((0, 3)):
         for a, g in zip(plain.keys + plain.values, graphed.keys + graphed.values, strict=True):
             torch.testing.assert_close(g[b, :, first:], a[b, :, first:], rtol=1e-5, atol=1e-5)
