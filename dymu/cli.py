@@ -170,6 +170,15 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
         "--no-fused-rope", action="store_true", help="VTU gather + RoPE with torch ops, not Triton"
     )
     group.add_argument(
+        "--no-fused-rows", action="store_true",
+        help="decoder norms, residual adds and SiLU*up as the modules, not Triton kernels",
+    )  # fmt: skip
+    group.add_argument(
+        "--no-fused-remerge",
+        action="store_true",
+        help="VTU remerge by float32 index_add_, not a Triton kernel",
+    )
+    group.add_argument(
         "--no-cuda-graphs", action="store_true", help="run the DToMe tower eagerly, not as CUDA graphs"
     )
     group.add_argument(
@@ -186,7 +195,8 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> Options:
-    return Options(fused_rope=not args.no_fused_rope, cuda_graphs=not args.no_cuda_graphs,
+    return Options(fused_rope=not args.no_fused_rope, fused_rows=not args.no_fused_rows,
+                   fused_remerge=not args.no_fused_remerge, cuda_graphs=not args.no_cuda_graphs,
                    graph_segment=args.graph_segment, prefill_graph_batch=args.prefill_graph_batch,
                    deterministic_remerge=args.deterministic_remerge)  # fmt: skip
 

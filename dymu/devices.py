@@ -1,4 +1,5 @@
-"""`--device` and `--dtype` strings to torch objects, with one-line errors naming what exists."""
+"""`--device` and `--dtype` strings to torch objects, with one-line errors naming what exists; and
+whether the Triton fast paths can run here."""
 
 from __future__ import annotations
 
@@ -28,3 +29,17 @@ def device_from(name: str) -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise DymuError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device
+
+
+def triton_available() -> bool:
+    """Whether Triton imports (the CUDA fast paths' kernels; absent in some cells and on macOS)."""
+    try:
+        import triton  # noqa: F401, PLC0415 - optional dependency
+    except ImportError:
+        return False
+    return True
+
+
+def kernels_run_on(x: torch.Tensor) -> bool:
+    """Whether dymu's Triton kernels run for tensors like `x` (CUDA with Triton; elsewhere the plain path)."""
+    return x.is_cuda and triton_available()

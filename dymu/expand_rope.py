@@ -11,6 +11,8 @@ import functools
 
 import torch
 
+from .devices import triton_available
+
 
 @functools.cache
 def _kernel():
@@ -44,13 +46,7 @@ def _kernel():
 def fused_available(x: torch.Tensor, head_dim: int) -> bool:
     """Whether the Triton kernel can run for `x` (CUDA, Triton importable, a power-of-two half head)."""
     half = head_dim // 2
-    if not x.is_cuda or half & (half - 1) or head_dim % 2:
-        return False
-    try:
-        import triton  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    return True
+    return x.is_cuda and not (half & (half - 1) or head_dim % 2) and triton_available()
 
 
 def expand_rope(x: torch.Tensor, flat: torch.Tensor, n: int, cos_half: torch.Tensor | None,

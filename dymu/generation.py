@@ -245,16 +245,16 @@ _static_decoders: weakref.WeakKeyDictionary[torch.nn.Module, StaticDecoder] = we
 
 
 def static_decoder_for(parts: LlavaParts, batch: int, length: int, dtype: torch.dtype, device: torch.device,
-                       graphs: bool, fused_rope: bool = True) -> StaticDecoder:  # fmt: skip
+                       graphs: bool, fused_rope: bool = True, fused_rows: bool = True) -> StaticDecoder:  # fmt: skip
     """The model's graph-decode state for `length` positions (rounded up like the static cache), kept
     while batch, bucket, dtype and device stay the same (its captured graph with it); only one is
     held per model."""
     max_len = _bucketed(parts, length)
     held = _static_decoders.pop(parts.model, None)
-    if held is None or held.key != (batch, max_len, dtype, str(device), graphs, fused_rope):
+    if held is None or held.key != (batch, max_len, dtype, str(device), graphs, fused_rope, fused_rows):
         del held  # its buffers go before the new ones are allocated
         held = StaticDecoder(parts.decoder, parts.lm_head, batch, max_len, rope_theta(parts.decoder.config), dtype,
-                             device, graphs, fused_rope)  # fmt: skip
+                             device, graphs, fused_rope, fused_rows)  # fmt: skip
     _static_decoders[parts.model] = held
     return held
 
@@ -342,7 +342,7 @@ def _graph_decode(parts: LlavaParts, batch: PreparedBatch, max_new_tokens: int, 
     prompt = batch.virtual_ids.shape[1]
     config = getattr(parts.model, "generation_config", None)
     step = static_decoder_for(parts, batch.virtual_ids.shape[0], prompt + max_new_tokens, keys[0].dtype,
-                              keys[0].device, options.cuda_graphs, options.fused_rope)  # fmt: skip
+                              keys[0].device, options.cuda_graphs, options.fused_rope, options.fused_rows)  # fmt: skip
     step.load(keys, values, batch.attention_mask[:, :-1].bool())
     given = kwargs.get("eos_token_id")
     eos = id_set(given if given is not None else getattr(config, "eos_token_id", None))

@@ -118,13 +118,7 @@ def graphed_vtu_prefill(
         return (out.hidden,)
 
     inputs = (merged_p, idx_p, positions_p, mask_p)
-    call_key = (
-        buffer_key,
-        tuple(merged_p.shape),
-        rope_theta,
-        options.fused_rope,
-        options.deterministic_remerge,
-    )
+    call_key = (buffer_key, tuple(merged_p.shape), rope_theta, options)
     outputs = state.graphs.call(call_key, fn, inputs)
     if outputs is None:  # capture failed: the plain prefill
         return vtu_prefill(decoder, merged_embeds, idx, rope_theta, positions, mask, options)

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cuda_graph import CapturedCall
+from .devices import kernels_run_on
 from .expand_rope import expand_rope, fused_available
+from .fused_rows import DecoderRows
 from .rope import apply_rope, half_tables, rope_cos_sin
 from .vtu import head_dim, repeat_heads
 
@@ -32,7 +34,8 @@ class StaticDecoder:
     """Decode state for one (batch, length, dtype, device) and the step that advances it."""
 
     def __init__(self, decoder: nn.Module, lm_head: nn.Module, batch: int, length: int, rope_theta: float,
-                 dtype: torch.dtype, device: torch.device, graphs: bool = True, fused_rope: bool = True) -> None:  # fmt: skip
+                 dtype: torch.dtype, device: torch.device, graphs: bool = True, fused_rope: bool = True,
+                 fused_rows: bool = True) -> None:  # fmt: skip
         config = decoder.config
         self.decoder, self.lm_head, self.theta = decoder, lm_head, rope_theta
         self.batch, self.length, self.dtype, self.device = batch, length, dtype, device
@@ -51,11 +54,13 @@ class StaticDecoder:
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.index = torch.zeros(1, dtype=torch.long, device=device)
         self.mask = torch.full((batch, 1, 1, length), torch.finfo(dtype).min, dtype=dtype, device=device)
-        self.key = (batch, length, dtype, str(device), graphs, fused_rope)  # as asked: what reuse compares
+        # as asked: what reuse compares
+        self.key = (batch, length, dtype, str(device), graphs, fused_rope, fused_rows)
         self.use_graph = graphs and self.keys.is_cuda
         # RoPE + head-major write of q and k as VTU's Triton kernel (one row per sample), not ~5 torch ops each
         self.fused = fused_rope and fused_available(self.keys, self.hd)
-        self.rows = torch.arange(batch, device=device)
+        self.rows = DecoderRows(fused_rows and kernels_run_on(self.keys))  # norms + SiLU*up as kernels
+        self.samples = torch.arange(batch, device=device)
         self.graph: CapturedCall | None = None
         self.captures = 0
 
@@ -95,9 +100,10 @@ class StaticDecoder:
         else:
             cos, sin = rope_cos_sin(self.positions, hd, self.theta, x.dtype)
         rep = self.heads // self.kv_heads
+        pending = None  # the last MLP output, added to x together with the next norm
         for layer_index, layer in enumerate(decoder.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
+            x, h = self.rows.norm(layer.input_layernorm, x, pending)
             q, k = (
                 self._rope(attn.q_proj(h), self.heads, cos, sin),
                 self._rope(attn.k_proj(h), self.kv_heads, cos, sin),
@@ -109,9 +115,10 @@ class StaticDecoder:
             if rep > 1:
                 keys, values = repeat_heads(keys, rep), repeat_heads(values, rep)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(bsz, 1, self.heads * hd))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        logits = self.lm_head(decoder.norm(x))[:, -1].float()
+            x, h = self.rows.norm(layer.post_attention_layernorm, x,
+                                  attn.o_proj(out.transpose(1, 2).reshape(bsz, 1, self.heads * hd)))  # fmt: skip
+            pending = self.rows.mlp(layer.mlp, h)
+        logits = self.lm_head(self.rows.norm(decoder.norm, x, pending)[1])[:, -1].float()
         self.index.add_(1)
         self.positions.add_(1)
         return logits
@@ -120,7 +127,7 @@ class StaticDecoder:
         """(B, 1, heads * hd) projections -> RoPE'd (B, heads, 1, hd)."""
         x = x.view(self.batch, 1, heads, self.hd)
         if self.fused:
-            return expand_rope(x, self.rows, 1, cos, sin)
+            return expand_rope(x, self.samples, 1, cos, sin)
         return apply_rope(x, cos, sin).transpose(1, 2)
 
     def _capture(self) -> None:

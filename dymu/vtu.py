@@ -19,10 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import kernels_run_on
 from .expand_rope import expand_rope, fused_available
+from .fused_rows import DecoderRows
 from .options import DEFAULT, Options
 from .rope import apply_rope, half_tables, rope_cos_sin
 from .scatter import assignment, group_count, group_sum
+from .segment_mean import Segments, segment_mean
 
 
 def head_dim(config) -> int:
@@ -37,12 +40,14 @@ class Remerger:
     every sample's rows one after another (no padding rows for the GEMMs to run on), with `idx`
     indexing that global row list (`packed=True`).
     Expand is a row gather. Remerge sums in float32 (`scatter.group_sum`) and scales by
-    1/count; `deterministic=True` uses a 0/1 assignment-matrix bmm instead (fixed reduction
-    order, no CUDA atomics; measured slower on H200; padded rows only).
+    1/count; `fused=True` (CUDA) is the same mean as one Triton kernel (`segment_mean`: float32
+    sums in a fixed order, no float32 copy of `y`); `deterministic=True` uses a 0/1
+    assignment-matrix bmm instead (fixed reduction order, no CUDA atomics; measured slower on
+    H200; padded rows only).
     """
 
     def __init__(self, idx: torch.Tensor, n_u: int, dtype: torch.dtype, deterministic: bool = False,
-                 packed: bool = False) -> None:  # fmt: skip
+                 packed: bool = False, fused: bool = False) -> None:  # fmt: skip
         bsz, n = idx.shape
         if packed and deterministic:
             raise ValueError("the deterministic remerge needs padded rows (B, N_u, D), not packed ones")
@@ -50,9 +55,11 @@ class Remerger:
         self.rows = n_u if packed else bsz * n_u
         self.merged_shape = (1, n_u) if packed else (bsz, n_u)
         self.flat = (idx if packed else idx + torch.arange(bsz, device=idx.device)[:, None] * n_u).flatten()
-        counts = group_count(self.flat, self.rows).view(*self.merged_shape, 1)
-        self.inv_count = 1.0 / counts.float().clamp_min(1.0)
+        counts = group_count(self.flat, self.rows)
+        self.inv_count = 1.0 / counts.view(*self.merged_shape, 1).float().clamp_min(1.0)
         self.assign = assignment(idx, n_u, dtype) if deterministic else None
+        # the Triton segment mean (CUDA): each merged row's virtual rows listed once for every layer
+        self.segments = Segments.of(self.flat, counts) if fused and not deterministic else None
 
     def expand(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N_u, ...) or packed (1, T, ...) -> (B, N, ...): each virtual row copies its merged row."""
@@ -62,6 +69,10 @@ class Remerger:
     def __call__(self, y: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N_u, D) or packed (1, T, D): the mean of each merged row's virtual rows."""
         dim = y.shape[-1]
+        if self.segments is not None:
+            return segment_mean(y.reshape(self.bsz * self.n, dim), self.segments).view(
+                *self.merged_shape, dim
+            )
         if self.assign is not None:
             summed = torch.bmm(self.assign, y).float()
         else:
@@ -115,11 +126,13 @@ def repeat_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
     return x[:, :, None].expand(bsz, kv_heads, rep, n, hd).reshape(bsz, kv_heads * rep, n, hd)
 
 
-def _layer(layer: nn.Module, x, rope: Rope, mask, config, remerge: Remerger):
+def _layer(layer: nn.Module, x, pending, rope: Rope, mask, config, remerge: Remerger, rows: DecoderRows):
+    """One decoder layer; `pending` is the previous layer's MLP output, not yet added to `x` (so the
+    add and this layer's norm can be one kernel). Returns (x, this layer's MLP output, k, v)."""
     attn = layer.self_attn
     bsz = remerge.bsz
     heads, kv_heads, hd = config.num_attention_heads, config.num_key_value_heads, head_dim(config)
-    h = layer.input_layernorm(x)
+    x, h = rows.norm(layer.input_layernorm, x, pending)
     # projections on the N_u merged rows; then gather to the N virtual rows (+ RoPE there)
     q = _to_virtual(attn.q_proj(h), remerge, heads, hd, rope, with_rope=True)
     k = _to_virtual(attn.k_proj(h), remerge, kv_heads, hd, rope, with_rope=True)
@@ -131,9 +144,8 @@ def _layer(layer: nn.Module, x, rope: Rope, mask, config, remerge: Remerger):
     else:
         out = F.scaled_dot_product_attention(q, k_att, v_att, attn_mask=mask)
     out = remerge(out.transpose(1, 2).reshape(bsz, remerge.n, heads * hd))
-    x = x + attn.o_proj(out)
-    x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return x, k, v
+    x, h = rows.norm(layer.post_attention_layernorm, x, attn.o_proj(out))
+    return x, rows.mlp(layer.mlp, h), k, v
 
 
 def default_positions(idx: torch.Tensor) -> torch.Tensor:
@@ -166,17 +178,18 @@ def vtu_prefill(
     positions = default_positions(idx) if positions is None else positions
     x = merged_embeds
     packed = merged_embeds.shape[0] != idx.shape[0]
-    remerge = Remerger(
-        idx, merged_embeds.shape[1], merged_embeds.dtype, options.deterministic_remerge, packed
-    )
+    on_gpu = kernels_run_on(merged_embeds)
+    remerge = Remerger(idx, merged_embeds.shape[1], merged_embeds.dtype, options.deterministic_remerge, packed,
+                       fused=options.fused_remerge and on_gpu)  # fmt: skip
+    rows = DecoderRows(options.fused_rows and on_gpu)
     hd = head_dim(config)
     if options.fused_rope and fused_available(merged_embeds, hd):  # RoPE in float32 from float32 halves
         rope = Rope(*half_tables(*rope_cos_sin(positions, hd, rope_theta, torch.float32)), fused=True)
     else:
         rope = Rope(*rope_cos_sin(positions, hd, rope_theta, merged_embeds.dtype), fused=False)
-    keys, values = [], []
+    keys, values, pending = [], [], None
     for layer in decoder.layers:
-        x, k, v = _layer(layer, x, rope, mask, config, remerge)
+        x, pending, k, v = _layer(layer, x, pending, rope, mask, config, remerge, rows)
         keys.append(k)
         values.append(v)
-    return VtuOutput(decoder.norm(x), keys, values)
+    return VtuOutput(rows.norm(decoder.norm, x, pending)[1], keys, values)

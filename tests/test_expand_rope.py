@@ -5,11 +5,11 @@ the check runs in every cell that ships a recent Triton; the GPU cells run it co
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
+from triton_interp import run_interpreted, skip_without_an_interpreter
 
 CODE = textwrap.dedent(
     """
@@ -41,19 +41,8 @@ CODE = textwrap.dedent(
 )
 
 
-def _skip_without_an_interpreter_for_the_kernel() -> None:
-    triton = pytest.importorskip("triton")  # needs setuptools on triton <= 3.1 (the cells pin it)
-    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 2):
-        # 2.x has no CPU interpreter for it; 3.1's wants `tl` as a module global and constexpr
-        # annotations as objects, and even then returned wrong values here (torch 2.5.1 cell)
-        pytest.skip(f"triton {triton.__version__}: its interpreter cannot run this kernel on CPU tensors")
-
-
 def test_triton_kernel_matches_the_torch_path_in_the_interpreter() -> None:
-    _skip_without_an_interpreter_for_the_kernel()
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and "kernel ok" in done.stdout, done.stderr[-3000:]
+    run_interpreted(CODE, "kernel ok")
 
 
 def test_cpu_tensors_take_the_torch_path() -> None:
@@ -87,5 +76,5 @@ def test_the_kernel_needs_an_even_power_of_two_half_head_and_triton(monkeypatch)
 def test_triton_kernel_in_process_under_the_interpreter() -> None:
     """The same check in this process, so a tool that traces this process (mutmut, through
     scripts/mutation.py, which sets TRITON_INTERPRET=1 for the vtu group) sees `expand_rope` run."""
-    _skip_without_an_interpreter_for_the_kernel()
+    skip_without_an_interpreter()
     exec(compile(CODE, "expand_rope_check", "exec"), {})  # our own constant code

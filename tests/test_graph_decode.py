@@ -105,7 +105,7 @@ def test_a_second_call_reuses_the_decoder_and_forgets_the_first(trained_checkpoi
     same = _decode(model, args, "graph", 8)
     assert generation._static_decoders[model.parts.model] is held  # same batch and length bucket: reused
     prompt = first.sequences.shape[1] - len(first.scores)
-    assert held.key == (2, -(-(prompt + 8) // 128) * 128, torch.float32, "cpu", True, True)
+    assert held.key == (2, -(-(prompt + 8) // 128) * 128, torch.float32, "cpu", True, True, True)
     assert torch.equal(same.sequences, first.sequences)
 
 

@@ -13,9 +13,9 @@ from import_graph import ROOT, build, circles
 
 FLOORS = {  # module (or package prefix) -> floor, from the ground up
     0: ["dymu.errors", "dymu.atomic", "dymu.options", "dymu.versions", "dymu.jsonsafe", "dymu.devices"],
-    1: ["dymu.merge", "dymu.scatter", "dymu.rope", "dymu.images"],
+    1: ["dymu.merge", "dymu.scatter", "dymu.segment_mean", "dymu.rope", "dymu.images"],
     2: ["dymu.blocks", "dymu.cuda_graph", "dymu.tower", "dymu.expand_rope", "dymu.vtu", "dymu.prefill_graph",
-        "dymu.static_decode", "dymu.calibration", "dymu.thresholds"],
+        "dymu.static_decode", "dymu.fused_rows", "dymu.calibration", "dymu.thresholds"],
     3: ["dymu.compat", "dymu.compat.registry", "dymu.compat.shims", "dymu.compat.legacy"],
     4: ["dymu.families", "dymu.checkpoints", "dymu.vision_loading"],
     5: ["dymu.api", "dymu.generation", "dymu.decode_loop"],

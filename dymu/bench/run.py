@@ -86,13 +86,14 @@ class Mode:
     decode_given: bool = False
 
 
-MODE_KEYS = ("vtu", "thresholds", "graphs", "fused", "decode", "segment", "prefill_graph")
+MODE_KEYS = ("vtu", "thresholds", "graphs", "fused", "rows", "remerge", "decode", "segment", "prefill_graph")
+STOCK_KEYS = ("decode", "rows")  # stock LLaVA's decode runs through dymu's graph step too
 
 
 def parse_modes(spec: str, default_vtu: str, default_thresholds: str | None) -> list[Mode]:
     """`stock,dymu,dymu-none:vtu=none,dymu-b:thresholds=b.pth,dymu-eager:graphs=off` -> modes (names
-    unique; `stock` and `stock-*` are stock LLaVA); `graphs` / `fused` switch the tower's CUDA graphs /
-    VTU's fused kernel for one mode, `decode=graph|static|dynamic` its decode path, `segment=N` the tower's
+    unique; `stock` and `stock-*` are stock LLaVA); `graphs` / `fused` / `rows` / `remerge` switch the
+    tower's CUDA graphs / VTU's fused RoPE / the fused norms and SiLU*up / the fused remerge for one mode, `decode=graph|static|dynamic` its decode path, `segment=N` the tower's
     blocks per captured graph (0: all), `prefill_graph=N` the largest batch whose prefill is graphed."""
     modes: list[Mode] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
@@ -101,7 +102,7 @@ def parse_modes(spec: str, default_vtu: str, default_thresholds: str | None) -> 
         mode = Mode(name, kind, default_vtu, default_thresholds if kind == "dymu" else None)
         for opt in filter(None, opts.split(";")):
             key, _, value = opt.partition("=")
-            if key not in MODE_KEYS or not value or (kind == "stock" and key != "decode"):
+            if key not in MODE_KEYS or not value or (kind == "stock" and key not in STOCK_KEYS):
                 raise DymuError(f"--modes: {part!r}: unknown option {opt!r}; use NAME:{'|'.join(MODE_KEYS)}=VALUE "
                                 "(several joined by ';')")  # fmt: skip
             if key == "vtu":
@@ -119,7 +120,8 @@ def parse_modes(spec: str, default_vtu: str, default_thresholds: str | None) -> 
             elif value not in ("on", "off"):
                 raise DymuError(f"--modes: {part!r}: {key} must be on or off")
             else:
-                field_name = {"graphs": "cuda_graphs", "fused": "fused_rope"}[key]
+                field_name = {"graphs": "cuda_graphs", "fused": "fused_rope", "rows": "fused_rows",
+                              "remerge": "fused_remerge"}[key]  # fmt: skip
                 mode.options = replace(mode.options or Options(), **{field_name: value == "on"})
         if any(m.name == name for m in modes):
             raise DymuError(f"--modes: {name!r} given twice; give each variant its own name")
