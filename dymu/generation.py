@@ -247,14 +247,15 @@ _static_decoders: weakref.WeakKeyDictionary[torch.nn.Module, StaticDecoder] = we
 def static_decoder_for(parts: LlavaParts, batch: int, length: int, dtype: torch.dtype, device: torch.device,
                        graphs: bool, fused_rope: bool = True, fused_rows: bool = True) -> StaticDecoder:  # fmt: skip
     """The model's graph-decode state for `length` positions (rounded up like the static cache), kept
-    while batch, bucket, dtype and device stay the same (its captured graph with it); only one is
-    held per model."""
+    while batch, bucket, dtype and device stay the same (its captured graphs with it, one per switch
+    set); only one is held per model."""
     max_len = _bucketed(parts, length)
     held = _static_decoders.pop(parts.model, None)
-    if held is None or held.key != (batch, max_len, dtype, str(device), graphs, fused_rope, fused_rows):
+    if held is None or held.key != (batch, max_len, dtype, str(device)):
         del held  # its buffers go before the new ones are allocated
         held = StaticDecoder(parts.decoder, parts.lm_head, batch, max_len, rope_theta(parts.decoder.config), dtype,
                              device, graphs, fused_rope, fused_rows)  # fmt: skip
+    held.use(graphs, fused_rope, fused_rows)
     _static_decoders[parts.model] = held
     return held
 

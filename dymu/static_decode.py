@@ -31,7 +31,8 @@ from .vtu import head_dim, repeat_heads
 
 
 class StaticDecoder:
-    """Decode state for one (batch, length, dtype, device) and the step that advances it."""
+    """Decode state for one (batch, length, dtype, device) and the step that advances it (with the
+    switches of `use`)."""
 
     def __init__(self, decoder: nn.Module, lm_head: nn.Module, batch: int, length: int, rope_theta: float,
                  dtype: torch.dtype, device: torch.device, graphs: bool = True, fused_rope: bool = True,
@@ -54,15 +55,22 @@ class StaticDecoder:
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.index = torch.zeros(1, dtype=torch.long, device=device)
         self.mask = torch.full((batch, 1, 1, length), torch.finfo(dtype).min, dtype=dtype, device=device)
-        # as asked: what reuse compares
-        self.key = (batch, length, dtype, str(device), graphs, fused_rope, fused_rows)
-        self.use_graph = graphs and self.keys.is_cuda
+        self.key = (batch, length, dtype, str(device))  # the buffers: what reuse compares
+        self.samples = torch.arange(batch, device=device)
+        # one captured step per switch set over the same buffers: a benchmark that alternates modes
+        # with different switches replays each one's graph instead of re-capturing at every switch
+        self.graphs: dict[tuple[bool, bool, bool], CapturedCall | None] = {}
+        self.captures = 0
+        self.use(graphs, fused_rope, fused_rows)
+
+    def use(self, graphs: bool, fused_rope: bool, fused_rows: bool) -> None:
+        """Pick the step's switches (its captured graph, if it has one, comes with them)."""
+        self.variant = (graphs, fused_rope, fused_rows)
+        self.use_graph = graphs and self.keys.is_cuda and self.graphs.get(self.variant, True) is not None
         # RoPE + head-major write of q and k as VTU's Triton kernel (one row per sample), not ~5 torch ops each
         self.fused = fused_rope and fused_available(self.keys, self.hd)
         self.rows = DecoderRows(fused_rows and kernels_run_on(self.keys))  # norms + SiLU*up as kernels
-        self.samples = torch.arange(batch, device=device)
-        self.graph: CapturedCall | None = None
-        self.captures = 0
+        self.graph = self.graphs.get(self.variant)
 
     def load(self, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor) -> None:
         """Start a decode from a prefill: per-layer (B, H_kv, n, hd) keys/values at positions 0..n-1,
@@ -137,7 +145,9 @@ class StaticDecoder:
             self.graph = CapturedCall(lambda ids: (self._step(ids),), (self.ids,), pool=None)
         except RuntimeError as err:
             self.use_graph = False
+            self.graphs[self.variant] = None  # this switch set stays eager
             warnings.warn(f"dymu: CUDA graph capture of the decode step failed, running eager ({err})",
                           RuntimeWarning, stacklevel=3)  # fmt: skip
             return
+        self.graphs[self.variant] = self.graph
         self.captures += 1

@@ -105,7 +105,8 @@ def test_a_second_call_reuses_the_decoder_and_forgets_the_first(trained_checkpoi
     same = _decode(model, args, "graph", 8)
     assert generation._static_decoders[model.parts.model] is held  # same batch and length bucket: reused
     prompt = first.sequences.shape[1] - len(first.scores)
-    assert held.key == (2, -(-(prompt + 8) // 128) * 128, torch.float32, "cpu", True, True, True)
+    assert held.key == (2, -(-(prompt + 8) // 128) * 128, torch.float32, "cpu")
+    assert held.variant == (True, True, True)
     assert torch.equal(same.sequences, first.sequences)
 
 
@@ -352,3 +353,50 @@ def test_stock_prepare_asks_for_a_cache_whatever_the_config_says(trained_checkpo
     batch = generation.stock_prepare(model.parts, ids, pixels)
     keys, _ = batch.tensors()
     assert keys[0].shape[2] == batch.virtual_ids.shape[1] - 1
+
+
+def test_each_switch_set_keeps_its_own_captured_step_over_the_same_buffers(monkeypatch) -> None:
+    """Switching fused kernels on and off (as a benchmark's modes do) swaps captured steps and keeps
+    the buffers; a switch set whose capture failed stays eager, the others keep their graphs."""
+    import dymu.static_decode as static_decode
+
+    captured: list[object] = []
+
+    class FakeCapture:
+        def __init__(self, fn, example, pool) -> None:
+            captured.append(self)
+
+    decoder, head = _decoder()
+    step = StaticDecoder(decoder, head, 1, 8, 10000.0, torch.float32, torch.device("cpu"))
+    keys = step.keys
+    monkeypatch.setattr(static_decode, "CapturedCall", FakeCapture)
+    step._capture()
+    first = step.graph
+    assert first is captured[0] and step.captures == 1 and step.graphs == {(True, True, True): first}
+    step.use(True, True, False)
+    assert step.graph is None and step.variant == (True, True, False)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("capture refused")
+
+    monkeypatch.setattr(static_decode, "CapturedCall", refuse)
+    with pytest.warns(RuntimeWarning, match="capture refused"):
+        step._capture()
+    assert step.graphs[(True, True, False)] is None and not step.use_graph and step.captures == 1
+    step.use(True, True, True)
+    assert step.graph is first and step.keys is keys
+    step.use(True, True, False)
+    assert step.graph is None and not step.use_graph  # no second try, no second warning
+
+
+def test_switching_kernels_reuses_the_held_decoder(trained_checkpoints) -> None:
+    model = dymu.load(trained_checkpoints[tiny.HF_SAFETENSORS], thresholds=task_thresholds())
+    args = _inputs(model, 2)
+    first = _decode(model, args, "graph", 8)
+    held = generation._static_decoders[model.parts.model]
+    batch = generation.prepare(model.parts, *args)
+    plain = generation.generate_prepared(
+        model.parts, batch, 8, Options(decode="graph", fused_rope=False, fused_rows=False)
+    )
+    assert generation._static_decoders[model.parts.model] is held and held.variant == (True, False, False)
+    assert torch.equal(plain.sequences, first.sequences)
