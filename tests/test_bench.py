@@ -262,7 +262,7 @@ def test_a_batch_that_runs_out_of_memory_is_retried_in_halves(tmp_path, monkeypa
     assert [(r["index"], r["failed"], r.get("oom_retries")) for r in rows] == [(0, False, 1), (1, False, 1)]
 
 
-def test_stock_variants_take_only_the_decode_switch() -> None:
+def test_stock_variants_take_only_the_decode_and_row_kernel_switches() -> None:
     modes = bench_run.parse_modes("stock,stock-dynamic:decode=dynamic,dymu:decode=static,dymu-g:decode=graph",
                                   "fast", None)  # fmt: skip
     assert [(m.kind, m.options.decode if m.options else None) for m in modes] == [
@@ -271,6 +271,23 @@ def test_stock_variants_take_only_the_decode_switch() -> None:
         bench_run.parse_modes("dymu:decode=beam", "fast", None)
     with pytest.raises(DymuError, match="unknown option"):
         bench_run.parse_modes("stock-x:vtu=none", "fast", None)
+    stock, dymu = bench_run.parse_modes(
+        "stock-p:decode=graph;rows=off,dymu-p:rows=off;remerge=off", "fast", None
+    )
+    assert (stock.options.decode, stock.options.fused_rows, stock.options.fused_remerge) == (
+        "graph",
+        False,
+        True,
+    )
+    assert (dymu.options.fused_rows, dymu.options.fused_remerge, dymu.options.fused_rope) == (
+        False,
+        False,
+        True,
+    )
+    with pytest.raises(DymuError, match="unknown option"):
+        bench_run.parse_modes("stock-x:remerge=off", "fast", None)  # stock LLaVA has no remerge
+    with pytest.raises(DymuError, match="on or off"):
+        bench_run.parse_modes("dymu-x:rows=no", "fast", None)
 
 
 def test_a_modes_switches_reach_its_prefill(tmp_path, monkeypatch) -> None:

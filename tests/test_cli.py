@@ -136,3 +136,22 @@ def test_the_cli_drops_only_the_legacy_packages_future_warnings() -> None:
             warnings.warn_explicit("planted", category, "x.py", 1, module=module)
     assert sorted((w.category.__name__, w.filename) for w in seen) == [
         ("FutureWarning", "x.py"), ("FutureWarning", "x.py"), ("UserWarning", "x.py")]  # fmt: skip
+
+
+def test_every_fast_path_flag_switches_its_option_off() -> None:
+    import argparse
+
+    from dymu.cli import add_option_flags, options_from
+    from dymu.options import Options
+
+    parser = argparse.ArgumentParser()
+    add_option_flags(parser)
+    assert options_from(parser.parse_args([])) == Options()
+    flags = {"--no-fused-rope": "fused_rope", "--no-fused-rows": "fused_rows",
+             "--no-fused-remerge": "fused_remerge", "--no-cuda-graphs": "cuda_graphs"}  # fmt: skip
+    for flag, field in flags.items():
+        got = options_from(parser.parse_args([flag]))
+        assert getattr(got, field) is False
+        assert {k: v for k, v in vars(got).items() if k != field} == {
+            k: v for k, v in vars(Options()).items() if k != field
+        }
