@@ -27,16 +27,19 @@ def _kernel():
         group = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         keep = cols < dim
-        start = tl.load(offsets + group)
+        first = tl.load(offsets + group)
         stop = tl.load(offsets + group + 1)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for first in range(start, stop, CHUNK):  # CHUNK member rows per step: a tile, not a row
+        # CHUNK member rows per step: a tile, not a row (a while loop: Triton 3.6's interpreter cannot
+        # take a loaded scalar as a `range` bound)
+        while first < stop:
             at = first + tl.arange(0, CHUNK)
             present = at < stop
             rows = tl.load(members + at, mask=present, other=0).to(tl.int64)
             tile = tl.load(src + rows[:, None] * dim + cols[None, :], mask=present[:, None] & keep[None, :],
                            other=0.0)  # fmt: skip
             acc += tl.sum(tile.to(tl.float32), axis=0)
+            first += CHUNK
         mean = acc * tl.load(scale + group)
         tl.store(out + group * dim + cols, mean.to(out.dtype.element_ty), mask=keep)
 
@@ -60,13 +63,18 @@ class Segments:
         return cls(members, offsets, 1.0 / counts.float().clamp_min(1.0))
 
 
-def segment_mean(src: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """(R, D) rows -> (groups, D) means in `src`'s dtype (float32 sums; an empty group is 0)."""
+def segment_mean(src: torch.Tensor, segments: Segments, chunk: int = 64, block: int = 64) -> torch.Tensor:
+    """(R, D) rows -> (groups, D) means in `src`'s dtype (float32 sums; an empty group is 0).
+
+    One program per (group, `block` columns) walks its group `chunk` members at a time: narrow
+    column blocks and wide chunks keep the largest group's walk short (an image merged into one
+    token is a group of 576 virtual rows: 9 steps, where 16-row chunks of 256 columns took 36 and
+    made the remerge 0.38 ms a layer at batch 8 on an H100)."""
     src = src.contiguous()
     groups, dim = segments.scale.numel(), src.shape[-1]
     out = torch.empty(groups, dim, dtype=src.dtype, device=src.device)
-    block = min(256, 1 << (dim - 1).bit_length())
+    block = min(block, 1 << (dim - 1).bit_length())
     _kernel()[(groups, -(-dim // block))](
-        src, segments.members, segments.offsets, segments.scale, out, dim, CHUNK=16, BLOCK=block
+        src, segments.members, segments.offsets, segments.scale, out, dim, CHUNK=chunk, BLOCK=block
     )
     return out

@@ -49,8 +49,8 @@ def test_golden_catches_a_dropped_mapping(monkeypatch) -> None:
 
     original = vtu.Remerger.__init__
 
-    def unmapped(self, idx, n_u, dtype, deterministic=False, packed=False):
-        original(self, torch.sort(idx, dim=1).values, n_u, dtype, deterministic, packed)
+    def unmapped(self, idx, n_u, dtype, deterministic=False, packed=False, **kwargs):
+        original(self, torch.sort(idx, dim=1).values, n_u, dtype, deterministic, packed, **kwargs)
 
     monkeypatch.setattr(vtu.Remerger, "__init__", unmapped)
     problems = compare(run_case(CASES[0], TAU), GOLDEN["cases"][CASES[0]], ATOL)
