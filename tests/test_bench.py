@@ -272,16 +272,16 @@ def test_stock_variants_take_only_the_decode_and_row_kernel_switches() -> None:
     with pytest.raises(DymuError, match="unknown option"):
         bench_run.parse_modes("stock-x:vtu=none", "fast", None)
     stock, dymu = bench_run.parse_modes(
-        "stock-p:decode=graph;rows=off,dymu-p:rows=off;remerge=off", "fast", None
+        "stock-p:decode=graph;rows=off,dymu-p:rows=off;remerge=on", "fast", None
     )
-    assert (stock.options.decode, stock.options.fused_rows, stock.options.fused_remerge) == (
+    assert (stock.options.decode, stock.options.fused_rows, stock.options.fused_rope) == (
         "graph",
         False,
         True,
     )
     assert (dymu.options.fused_rows, dymu.options.fused_remerge, dymu.options.fused_rope) == (
         False,
-        False,
+        True,
         True,
     )
     with pytest.raises(DymuError, match="unknown option"):

@@ -109,7 +109,7 @@ PREFILL_AND_STEP = PRELUDE + textwrap.dedent(
     with torch.no_grad():
         plain = vtu.vtu_prefill(decoder, merged, idx, 10000.0)
         vtu.kernels_run_on = lambda x: True  # the CUDA decision, taken here for CPU tensors
-        fused = vtu.vtu_prefill(decoder, merged, idx, 10000.0)
+        fused = vtu.vtu_prefill(decoder, merged, idx, 10000.0, options=Options(fused_remerge=True))
         torch.testing.assert_close(fused.hidden, plain.hidden, rtol=1e-4, atol=1e-4)
         for got, want in zip(fused.keys + fused.values, plain.keys + plain.values):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
