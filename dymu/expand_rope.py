@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from .devices import triton_available
+from .devices import kernels_run_on
 
 
 @functools.cache
@@ -46,7 +46,7 @@ def _kernel():
 def fused_available(x: torch.Tensor, head_dim: int) -> bool:
     """Whether the Triton kernel can run for `x` (CUDA, Triton importable, a power-of-two half head)."""
     half = head_dim // 2
-    return x.is_cuda and not (half & (half - 1) or head_dim % 2) and triton_available()
+    return not (half & (half - 1) or head_dim % 2) and kernels_run_on(x)
 
 
 def expand_rope(x: torch.Tensor, flat: torch.Tensor, n: int, cos_half: torch.Tensor | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import shutil
@@ -10,7 +11,8 @@ import warnings
 import pytest
 import torch
 
-from dymu.cli import main
+from dymu.cli import add_option_flags, main, options_from
+from dymu.options import Options
 from dymu.quiet import quiet_libraries
 from dymu.testing.sample_images import make_sample_images
 
@@ -139,11 +141,6 @@ def test_the_cli_drops_only_the_legacy_packages_future_warnings() -> None:
 
 
 def test_every_fast_path_flag_flips_its_option() -> None:
-    import argparse
-
-    from dymu.cli import add_option_flags, options_from
-    from dymu.options import Options
-
     parser = argparse.ArgumentParser()
     add_option_flags(parser)
     assert options_from(parser.parse_args([])) == Options()

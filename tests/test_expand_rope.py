@@ -7,9 +7,13 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
+import torch
 from triton_interp import run_interpreted, skip_without_an_interpreter
+
+from dymu.expand_rope import fused_available
 
 CODE = textwrap.dedent(
     """
@@ -46,20 +50,12 @@ def test_triton_kernel_matches_the_torch_path_in_the_interpreter() -> None:
 
 
 def test_cpu_tensors_take_the_torch_path() -> None:
-    import torch
-
-    from dymu.expand_rope import fused_available
-
     assert not fused_available(torch.zeros(1), 128)
 
 
 def test_the_kernel_needs_an_even_power_of_two_half_head_and_triton(monkeypatch) -> None:
     """What `fused_available` decides for a CUDA tensor (a stand-in here): the kernel's head block is
     a power-of-two half head, and Triton must import."""
-    from types import SimpleNamespace
-
-    from dymu.expand_rope import fused_available
-
     pytest.importorskip("triton")
     cuda = SimpleNamespace(is_cuda=True)
     assert fused_available(cuda, 128) and fused_available(cuda, 64) and fused_available(cuda, 2)

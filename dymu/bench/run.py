@@ -93,8 +93,9 @@ STOCK_KEYS = ("decode", "rows")  # stock LLaVA's decode runs through dymu's grap
 def parse_modes(spec: str, default_vtu: str, default_thresholds: str | None) -> list[Mode]:
     """`stock,dymu,dymu-none:vtu=none,dymu-b:thresholds=b.pth,dymu-eager:graphs=off` -> modes (names
     unique; `stock` and `stock-*` are stock LLaVA); `graphs` / `fused` / `rows` / `remerge` switch the
-    tower's CUDA graphs / VTU's fused RoPE / the fused norms and SiLU*up / the fused remerge for one mode, `decode=graph|static|dynamic` its decode path, `segment=N` the tower's
-    blocks per captured graph (0: all), `prefill_graph=N` the largest batch whose prefill is graphed."""
+    tower's CUDA graphs / VTU's fused RoPE / the fused norms and SiLU*up / the fused remerge for one
+    mode, `decode=graph|static|dynamic` its decode path, `segment=N` the tower's blocks per captured
+    graph (0: all), `prefill_graph=N` the largest batch whose prefill is graphed."""
     modes: list[Mode] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, opts = part.partition(":")
