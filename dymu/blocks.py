@@ -80,13 +80,27 @@ def proportional_attention(
 def _attention(layer: nn.Module, h: torch.Tensor, size: torch.Tensor | None, heads: int):
     """CLIP self-attention with proportional attention; returns (output, keys per head)."""
     attn = layer.self_attn
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj)
+    return attention_from(h, *((p.weight, p.bias) for p in projections), size=size, heads=heads)
+
+
+def attention_from(
+    h: torch.Tensor,
+    q: tuple[torch.Tensor, torch.Tensor],
+    k: tuple[torch.Tensor, torch.Tensor],
+    v: tuple[torch.Tensor, torch.Tensor],
+    out: tuple[torch.Tensor, torch.Tensor],
+    size: torch.Tensor | None,
+    heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_attention` from (weight, bias) pairs: the same computation on plain tensors."""
     bsz, n, dim = h.shape
     shape = (bsz, n, heads, dim // heads)
-    q = attn.q_proj(h).view(shape).transpose(1, 2)
-    k = attn.k_proj(h).view(shape).transpose(1, 2)
-    v = attn.v_proj(h).view(shape).transpose(1, 2)
-    out = proportional_attention(q, k, v, size)
-    return attn.out_proj(out.transpose(1, 2).reshape(bsz, n, dim)), k
+    queries = F.linear(h, *q).view(shape).transpose(1, 2)
+    keys = F.linear(h, *k).view(shape).transpose(1, 2)
+    values = F.linear(h, *v).view(shape).transpose(1, 2)
+    mixed = proportional_attention(queries, keys, values, size)
+    return F.linear(mixed.transpose(1, 2).reshape(bsz, n, dim), *out), keys
 
 
 @dataclass
@@ -173,3 +187,106 @@ def forward_tokens(
 ) -> TokenState:
     """Embeddings and the first `n_run` DToMe blocks in one go (eager, or one static graph)."""
     return run_blocks(vt, embed(vt, pixel_values), 0, n_run, rule, may_merge, static)
+
+
+# an encoder block's parameters in the order `static_block` unpacks them
+_MODULES = ("layer_norm1", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+            "layer_norm2", "mlp.fc1", "mlp.fc2")  # fmt: skip
+WEIGHT_NAMES = tuple(f"{module}.{kind}" for module in _MODULES for kind in ("weight", "bias"))
+
+
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# CLIP's `hidden_act` values the functional block knows (HF's classes compute the same)
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "quick_gelu": _quick_gelu, "gelu": F.gelu, "gelu_new": _tanh_gelu, "gelu_pytorch_tanh": _tanh_gelu,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """What the functional block needs besides tensors: the same for every block of a tower."""
+
+    heads: int
+    eps: float
+    act: str
+
+
+def functional_blocks(vt: nn.Module) -> tuple[BlockSpec, list[tuple[torch.Tensor, ...]]] | None:
+    """Every block's weights as plain tensors, or None if the tower is not the CLIP block we know
+    (another activation, LayerNorm eps or parameter layout): then only the module path runs."""
+    act = getattr(vt.config, "hidden_act", None)
+    layers = vt.encoder.layers
+    eps = {getattr(block.layer_norm1, "eps", None) for block in layers} | {
+        getattr(block.layer_norm2, "eps", None) for block in layers
+    }
+    if act not in ACTIVATIONS or len(eps) != 1 or None in eps:
+        return None
+    weights = []
+    for block in layers:
+        params = dict(block.named_parameters())
+        if set(params) != set(WEIGHT_NAMES):
+            return None
+        weights.append(tuple(params[name] for name in WEIGHT_NAMES))
+    return BlockSpec(vt.config.num_attention_heads, float(eps.pop()), act), weights
+
+
+def static_block(
+    x: torch.Tensor,
+    size: torch.Tensor,
+    pos: torch.Tensor,
+    lengths: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    tau: torch.Tensor | None,
+    spec: BlockSpec,
+    uniform: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One static-shape DToMe block with the threshold rule (`tau` a 0-d tensor, None: no merging)
+    as a function of tensors only, so one `torch.compile` serves every block of the tower;
+    `run_blocks(static=True)` computes the same from the modules."""
+    n1w, n1b, qw, qb, kw, kb, vw, vb, ow, ob, n2w, n2b, f1w, f1b, f2w, f2b = weights
+    dim = (x.shape[-1],)
+    h = F.layer_norm(x, dim, n1w, n1b, spec.eps)
+    attn_out, keys = attention_from(
+        h, (qw, qb), (kw, kb), (vw, vb), (ow, ob), None if uniform else size, spec.heads
+    )
+    x = x + attn_out
+    if tau is not None:
+        edges = bipartite_edges(keys.mean(1), lengths)
+        plan = plan_merges(edges.score > tau, edges.dst, lengths, x.shape[1])
+        x, size, pos = apply_plan(plan, x, size, pos, x.shape[1])
+        lengths = plan.new_lengths
+    h = F.layer_norm(x, dim, n2w, n2b, spec.eps)
+    return x + F.linear(ACTIVATIONS[spec.act](F.linear(h, f1w, f1b)), f2w, f2b), size, pos, lengths
+
+
+BlockStep = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def static_forward(
+    vt: nn.Module,
+    pixel_values: torch.Tensor,
+    thresholds: torch.Tensor,
+    may_merge: list[bool],
+    n_run: int,
+    blocks: tuple[BlockSpec, list[tuple[torch.Tensor, ...]]],
+    step: BlockStep = static_block,
+) -> TokenState:
+    """Embeddings and the first `n_run` blocks through `step` (`static_block`, or it compiled), the
+    thresholds a (layers,) tensor on the device read only where `may_merge`. Never syncs."""
+    spec, weights = blocks
+    state = embed(vt, pixel_values)
+    x, size, pos, lengths, uniform = state.x, state.size, state.pos, state.lengths, True
+    counts = []
+    for i in range(n_run):
+        tau = thresholds[i] if may_merge[i] else None
+        x, size, pos, lengths = step(x, size, pos, lengths, weights[i], tau, spec, uniform)
+        uniform = uniform and tau is None
+        counts.append(lengths[:, None])
+    return TokenState(x, size, pos, lengths, torch.cat(counts, dim=1), uniform)

@@ -182,6 +182,10 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
         "--no-cuda-graphs", action="store_true", help="run the DToMe tower eagerly, not as CUDA graphs"
     )
     group.add_argument(
+        "--no-compile-tower", action="store_true",
+        help="replay the DToMe tower's graph without torch.compile'd blocks (no compile on first use)",
+    )  # fmt: skip
+    group.add_argument(
         "--graph-segment", type=int, default=Options.graph_segment,
         help="tower blocks per CUDA graph (0: the whole tower, one capture per batch size)",
     )  # fmt: skip
@@ -197,6 +201,7 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
 def options_from(args: argparse.Namespace) -> Options:
     return Options(fused_rope=not args.no_fused_rope, fused_rows=not args.no_fused_rows,
                    fused_remerge=args.fused_remerge, cuda_graphs=not args.no_cuda_graphs,
+                   compile_tower=not args.no_compile_tower,
                    graph_segment=args.graph_segment, prefill_graph_batch=args.prefill_graph_batch,
                    deterministic_remerge=args.deterministic_remerge)  # fmt: skip
 

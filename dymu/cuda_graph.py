@@ -6,7 +6,9 @@ the CPU cannot issue them as fast as the GPU runs them. The static-shape blocks
 default) is captured once per batch shape and replayed with one launch. With `segment`
 N > 0, N-block segments are captured instead and between them the host reads the longest
 row once and trims the padding to a multiple of `BUCKET`: less compute, but every new
-padded shape is a new capture. Graphs are cached per (module, segment, shapes,
+padded shape is a new capture. With `compiled`, the whole-tower graph replays `static_block`
+compiled by torch.compile instead (its ~60 small kernels per merging block fused into a few);
+if compiling or capturing it fails, the plain whole-tower graph runs. Graphs are cached per (module, segment, shapes,
 thresholds) and share one memory pool per cache; they are always replayed one after
 another on one stream, and a caller copies out what it keeps before the next replay.
 """
@@ -23,7 +25,17 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from .blocks import BUCKET, MergeRule, TokenState, embed, run_blocks
+from .blocks import (
+    BUCKET,
+    BlockStep,
+    MergeRule,
+    TokenState,
+    embed,
+    functional_blocks,
+    run_blocks,
+    static_block,
+    static_forward,
+)
 
 # one batch shape needs up to (segments - 1) x (577 / BUCKET) + 1 ~ 96 graphs at LLaVA's geometry: room for
 # a few batch shapes, so a long run stops capturing once every bucket has been seen
@@ -92,7 +104,7 @@ class GraphCache:
             del self.calls[key]
 
     def call(
-        self, key: tuple, fn: Callable, inputs: tuple[torch.Tensor, ...]
+        self, key: tuple, fn: Callable, inputs: tuple[torch.Tensor, ...], fallback: str = "eager"
     ) -> tuple[torch.Tensor, ...] | None:
         if inputs[0].device.type != "cuda":  # no graphs off-GPU: run the same segments eagerly
             return fn(*inputs)
@@ -107,7 +119,9 @@ class GraphCache:
             except RuntimeError as err:  # capture unsupported on this stack: fall back to eager
                 self.failed.add(key)
                 warnings.warn(
-                    f"dymu: CUDA graph capture failed, running eager ({err})", RuntimeWarning, stacklevel=4
+                    f"dymu: CUDA graph capture failed, running {fallback} ({err})",
+                    RuntimeWarning,
+                    stacklevel=4,
                 )
                 return None
             self.calls[key] = captured
@@ -132,6 +146,42 @@ def _bucket(state: TokenState) -> int:
     return min(state.x.shape[1], -(-longest // BUCKET) * BUCKET)
 
 
+_compiled_step: BlockStep | None = None
+
+
+def compiled_step() -> BlockStep:
+    """`static_block` through torch.compile, made once per process: it takes tensors, not modules,
+    so one compiled graph serves every block of every tower of the same shapes."""
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(static_block, fullgraph=True)
+    return _compiled_step
+
+
+def _compiled_tower(
+    graphs: GraphCache,
+    vt: nn.Module,
+    pixel_values: torch.Tensor,
+    thresholds: torch.Tensor,
+    may_merge: list[bool],
+    n_run: int,
+    key: tuple,
+) -> TokenState | None:
+    blocks = functional_blocks(vt)
+    if blocks is None:
+        return None
+
+    def fn(px: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return static_forward(vt, px, tau, may_merge, n_run, blocks, compiled_step()).tensors()
+
+    inputs = (pixel_values, thresholds.to(pixel_values.device, torch.float32))
+    call_key = (key, "compiled", n_run, tuple((tuple(t.shape), t.dtype, str(t.device)) for t in inputs))
+    outputs = graphs.call(call_key, fn, inputs, fallback="the uncompiled graph")
+    if outputs is None:
+        return None
+    return TokenState(*(t.clone() for t in outputs), uniform=not any(may_merge[:n_run]))
+
+
 def graphed_forward(
     vt: nn.Module,
     pixel_values: torch.Tensor,
@@ -140,10 +190,16 @@ def graphed_forward(
     n_run: int,
     key: tuple,
     segment: int = 0,
+    compiled_thresholds: torch.Tensor | None = None,
 ) -> TokenState | None:
     """The first `n_run` blocks as replayed graph segments of `segment` blocks (0: all of them
-    in one graph); None if capture is not possible (off-GPU the same segments run eagerly)."""
+    in one graph); None if capture is not possible (off-GPU the same segments run eagerly).
+    `compiled_thresholds` (the rule's thresholds, segment 0 only) replays the compiled blocks."""
     graphs = _towers.setdefault(vt, GraphCache())
+    if compiled_thresholds is not None and segment == 0:
+        state = _compiled_tower(graphs, vt, pixel_values, compiled_thresholds, may_merge, n_run, key)
+        if state is not None:
+            return state
     bounds = [*range(0, n_run, segment or n_run), n_run]
     state: TokenState | None = None
     for start, stop in itertools.pairwise(bounds):

@@ -9,7 +9,7 @@ protected), set B = odd positions. A-token `a` sits at position 2a, B-token `b` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,7 @@ from .scatter import group_sum
 NEG_INF = float("-inf")
 
 
-@dataclass(frozen=True)
-class Edges:
+class Edges(NamedTuple):
     """Best B-partner of every A token: `score` (B, NA) cosine (-inf where invalid), `dst` (B, NA)."""
 
     score: torch.Tensor
@@ -74,8 +73,7 @@ def top_k_merges(edges: Edges, k: int) -> tuple[torch.Tensor, float]:
     return mask.view_as(edges.score), max(tau_b, 0.0)
 
 
-@dataclass(frozen=True)
-class MergePlan:
+class MergePlan(NamedTuple):
     """Where each current token goes: `target` (B, N) new position (N = dropped padding)."""
 
     target: torch.Tensor

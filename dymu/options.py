@@ -30,6 +30,12 @@ class Options:
       host sync and dozens of small kernels per merging block); on an H200 at batch 1, on varied
       images, it took 55 ms eager against 6.9 ms as one graph (stock CLIP: 13.3 ms;
       reports/gpu/bench/h200_graphs_b1.md).
+    - `compile_tower`: inside the whole-tower graph, run each block as `torch.compile` of the
+      functional DToMe block (`blocks.static_block`): each merging block's ~60 small kernels and the
+      LayerNorms / QuickGELU fuse into a few. On an H100 at batch 8 the tower took 9.4 ms against
+      16.0 ms uncompiled (stock CLIP 9.4 ms); the first call per batch shape compiles (about 10 s).
+      Off, or where compiling or capturing fails (warned once), the uncompiled graph runs. Only
+      with `graph_segment=0`.
     - `graph_segment`: 0 (default) captures the whole tower as one graph at full length, so each
       batch size is captured once and new images never cost a capture; N > 0 captures N-block
       segments and trims the padding between them (less compute, but each new padded shape is a
@@ -55,6 +61,7 @@ class Options:
     fused_rows: bool = True
     fused_remerge: bool = False
     cuda_graphs: bool = True
+    compile_tower: bool = True
     graph_segment: int = 0
     prefill_graph_batch: int = 1
     deterministic_remerge: bool = False

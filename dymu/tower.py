@@ -5,6 +5,7 @@ segments (`cuda_graph.py`), elsewhere they run eagerly. Both give the same merge
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,8 +80,10 @@ def encode_images(
     """Encode preprocessed images with DToMe; `thresholds=None` (or all +inf) is stock CLIP.
 
     On CUDA with `options.cuda_graphs` the static-shape tower is captured once per input
-    shape and replayed in segments; otherwise the padded length shrinks as tokens merge.
-    Both give the same merges and features.
+    shape and replayed (with `options.compile_tower`, its blocks compiled by torch.compile);
+    otherwise the padded length shrinks as tokens merge. All give the same merges and features
+    up to floating-point rounding (in 16-bit, a score that rounds across its threshold can flip
+    a merge).
     """
     vt = vision_transformer(vision_model)
     size = vt.config.image_size
@@ -97,7 +100,12 @@ def encode_images(
     state = None
     if pixel_values.is_cuda and options.cuda_graphs:
         key = None if thresholds is None else tuple(thresholds.detach().float().cpu().tolist())
-        state = graphed_forward(vt, pixel_values, rule, may_merge, n_run, (key,), options.graph_segment)
+        compiled = None
+        if options.compile_tower:
+            compiled = torch.full((num_layers,), math.inf) if thresholds is None else thresholds.detach()
+        state = graphed_forward(
+            vt, pixel_values, rule, may_merge, n_run, (key,), options.graph_segment, compiled
+        )
     if state is None:
         state = forward_tokens(vt, pixel_values, rule, may_merge, n_run, static=False)
     return finish(state, num_layers)

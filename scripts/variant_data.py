@@ -33,6 +33,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--n", type=int, default=24)
+    parser.add_argument(
+        "--prompt",
+        default=COCO_PROMPT,
+        help="the text prompt of every item (default: the COCO caption prompt)",
+    )
     args = parser.parse_args()
     sample = load_data_file(SAMPLE_DATA)
     photos = [
@@ -46,7 +51,7 @@ def main() -> None:
         kind = VARIANTS[(i // len(photos)) % len(VARIANTS)]
         rel = f"images/{name}-{kind}-{i}.jpg"
         variant(photo, kind).save(args.out / rel, quality=90)
-        items.append(item(i, rel, COCO_PROMPT, "COCO_VAL", image_id=f"{name}-{kind}"))
+        items.append(item(i, rel, args.prompt, "COCO_VAL", image_id=f"{name}-{kind}"))
     path = write_data_file(
         args.out / "coco_variants.json", {"made_by": "scripts/variant_data.py", "n": args.n}, items
     )

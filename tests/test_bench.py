@@ -17,6 +17,7 @@ from dymu.bench.command import main as bench_main
 from dymu.bench.data import SAMPLE_DATA, load_data_file
 from dymu.cli import main as cli_main
 from dymu.errors import DymuError
+from dymu.options import Options
 
 SCHEMA = json.loads(bench_report.SCHEMA_FILE.read_text())
 LOAD_TARGET = bench_run.load_target
@@ -284,6 +285,10 @@ def test_stock_variants_take_only_the_decode_and_row_kernel_switches() -> None:
         True,
         True,
     )
+    (uncompiled,) = bench_run.parse_modes("dymu-u:compile=off", "fast", None)
+    assert uncompiled.options == Options(compile_tower=False)
+    with pytest.raises(DymuError, match="unknown option"):
+        bench_run.parse_modes("stock-x:compile=off", "fast", None)  # stock LLaVA runs HF's CLIP
     with pytest.raises(DymuError, match="unknown option"):
         bench_run.parse_modes("stock-x:remerge=off", "fast", None)  # stock LLaVA has no remerge
     with pytest.raises(DymuError, match="on or off"):

@@ -86,16 +86,18 @@ class Mode:
     decode_given: bool = False
 
 
-MODE_KEYS = ("vtu", "thresholds", "graphs", "fused", "rows", "remerge", "decode", "segment", "prefill_graph")
+MODE_KEYS = ("vtu", "thresholds", "graphs", "compile", "fused", "rows", "remerge", "decode", "segment",
+             "prefill_graph")  # fmt: skip
 STOCK_KEYS = ("decode", "rows")  # stock LLaVA's decode runs through dymu's graph step too
 
 
 def parse_modes(spec: str, default_vtu: str, default_thresholds: str | None) -> list[Mode]:
     """`stock,dymu,dymu-none:vtu=none,dymu-b:thresholds=b.pth,dymu-eager:graphs=off` -> modes (names
-    unique; `stock` and `stock-*` are stock LLaVA); `graphs` / `fused` / `rows` / `remerge` switch the
-    tower's CUDA graphs / VTU's fused RoPE / the fused norms and SiLU*up / the fused remerge for one
-    mode, `decode=graph|static|dynamic` its decode path, `segment=N` the tower's blocks per captured
-    graph (0: all), `prefill_graph=N` the largest batch whose prefill is graphed."""
+    unique; `stock` and `stock-*` are stock LLaVA); `graphs` / `compile` / `fused` / `rows` / `remerge`
+    switch the tower's CUDA graphs / its compiled blocks / VTU's fused RoPE / the fused norms and
+    SiLU*up / the fused remerge for one mode, `decode=graph|static|dynamic` its decode path,
+    `segment=N` the tower's blocks per captured graph (0: all), `prefill_graph=N` the largest batch
+    whose prefill is graphed."""
     modes: list[Mode] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, opts = part.partition(":")
@@ -122,7 +124,7 @@ def parse_modes(spec: str, default_vtu: str, default_thresholds: str | None) -> 
                 raise DymuError(f"--modes: {part!r}: {key} must be on or off")
             else:
                 field_name = {"graphs": "cuda_graphs", "fused": "fused_rope", "rows": "fused_rows",
-                              "remerge": "fused_remerge"}[key]  # fmt: skip
+                              "remerge": "fused_remerge", "compile": "compile_tower"}[key]  # fmt: skip
                 mode.options = replace(mode.options or Options(), **{field_name: value == "on"})
         if any(m.name == name for m in modes):
             raise DymuError(f"--modes: {name!r} given twice; give each variant its own name")
