@@ -226,9 +226,10 @@ def test_static_shape_tower_equals_shrinking_tower(tower) -> None:
 def test_cuda_graph_replay_equals_eager_on_gpu(tower) -> None:
     model, pixels, tau = tower
     model = model.cuda()
+    plain = Options(compile_tower=False)  # the same kernels as eager: merges equal exactly
     try:
-        graphed = dymu.encode_images(model, pixels.cuda(), tau, options=Options(cuda_graphs=True))
-        again = dymu.encode_images(model, pixels.cuda().flip(0), tau, options=Options(cuda_graphs=True))
+        graphed = dymu.encode_images(model, pixels.cuda(), tau, options=plain)
+        again = dymu.encode_images(model, pixels.cuda().flip(0), tau, options=plain)
         eager = dymu.encode_images(model, pixels.cuda(), tau, options=Options(cuda_graphs=False))
     finally:
         model.cpu()
@@ -237,6 +238,25 @@ def test_cuda_graph_replay_equals_eager_on_gpu(tower) -> None:
     for b in range(len(pixels)):
         assert torch.equal(graphed.mapping[b], eager.mapping[b])
         torch.testing.assert_close(graphed.features[b], eager.features[b], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+def test_compiled_cuda_graph_merges_like_eager_on_gpu(tower) -> None:
+    """The compiled blocks (the GPU default) round differently from the eager kernels, so a score
+    within rounding of its threshold can flip one merge (in float32 on an H100, 1 image in 96 differed
+    by one token); more than that is a bug."""
+    model, pixels, tau = tower
+    model = model.cuda()
+    try:
+        compiled = dymu.encode_images(model, pixels.cuda(), tau)
+        eager = dymu.encode_images(model, pixels.cuda(), tau, options=Options(cuda_graphs=False))
+    finally:
+        model.cpu()
+    gap = (compiled.num_tokens - eager.num_tokens).abs()
+    assert int((gap > 0).sum()) <= 1 and int(gap.max()) <= 2, (compiled.num_tokens, eager.num_tokens)
+    for b in torch.nonzero(gap == 0).flatten().tolist():
+        if torch.equal(compiled.mapping[b], eager.mapping[b]):
+            torch.testing.assert_close(compiled.features[b], eager.features[b], rtol=1e-3, atol=1e-3)
 
 
 def test_segmented_static_path_equals_eager(tower) -> None:
