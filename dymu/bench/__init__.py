@@ -13,6 +13,10 @@ from ..devices import device_from, dtype_from
 from ..jsonsafe import dumps
 from ..quiet import quiet_libraries
 
+# the `python -m dymu.bench.*` entry points import transformers classes at module level, and on
+# transformers 5 without torchvision that import prints a processor warning: silence it first
+quiet_libraries()
+
 
 def bench_parser(prog: str, description: str, repeats: int) -> argparse.ArgumentParser:
     """The options every benchmark shares (device, dtype, batch sizes, target tokens, repeats, --out)."""

@@ -4,7 +4,8 @@ Run: `python -m dymu.bench.tower --geometry small` (CPU) or `--geometry full --d
 (CLIP-L/336 at full width). Weights are RANDOM (seeded); reports say so. Thresholds are
 calibrated in the same run on a calibration image set disjoint from the timed batch.
 `--varied` gives every call new images, as a real data set does (new merge patterns, so new
-padded shapes for the paths that trim); without it every call repeats one batch.
+padded shapes for the paths that trim); without it every call repeats one batch. `--data-file` times
+the first image of each of its samples (in order, cycling) instead of the generated photos.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import transformers
 
 from ..calibration import calibrate
 from ..errors import run_main
-from ..images import preprocess
+from ..images import load_image, preprocess
 from ..options import Options
 from ..testing.builders import CLIP_GEOMETRIES, clip_processor, random_clip
 from ..testing.photos import bench_images
 from ..tower import encode_images
 from . import bench_dtype, bench_parser, emit
+from .data import load_data_file, resolve_image
+from .run import data_path
 from .timing import device_name, peak_memory_mb, time_side_by_side
 
 
@@ -37,20 +40,23 @@ def run(
     repeats: int = 10,
     warmup: int = 3,
     varied: bool = False,
+    data_file: str | None = None,
 ) -> dict[str, Any]:
-    """Calibrate, then time stock / DToMe(no merges) / DToMe(calibrated, each path) per batch size."""
+    """Calibrate, then time stock / DToMe(no merges) / DToMe(calibrated, each path) per batch size
+    (on `data_file`'s images if given; calibration always uses the generated photos)."""
     dev = torch.device(device)
     torch_dtype = getattr(torch, dtype)
+    calls = warmup + repeats if varied else 1
+    own = _data_images(data_file, max(batch_sizes) * calls) if data_file else None  # bad files fail first
     model = random_clip(geometry, dev, torch_dtype)
     processor = clip_processor(336)
     calib = bench_images(calib_images, seed=1)
     thresholds = calibrate(
         model, calib, target_tokens=target_tokens, batch_size=32, processor=processor, progress=False
     )
-    calls = warmup + repeats if varied else 1
     rows = []
     for bsz in batch_sizes:
-        images = bench_images(bsz * calls, seed=2)
+        images = own[: bsz * calls] if own else bench_images(bsz * calls, seed=2)
         batches = [
             preprocess(images[i * bsz : (i + 1) * bsz], processor).to(dev, torch_dtype) for i in range(calls)
         ]
@@ -104,9 +110,17 @@ def run(
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "target_tokens": target_tokens,
+        "images": str(data_file) if data_file else "generated photos (dymu.testing.photos, seed 2)",
         "thresholds": [float(t) for t in thresholds],
         "rows": rows,
     }
+
+
+def _data_images(data_file: str, count: int) -> list:
+    """The first image of each sample of a data file, in order, repeated until there are `count`."""
+    data = load_data_file(data_path(data_file))
+    first = [load_image(resolve_image(sample.image_paths[0], data.path)) for sample in data.samples]
+    return list(itertools.islice(itertools.cycle(first), count))
 
 
 def _cycling(fn: Callable[[torch.Tensor], object], batches: list[torch.Tensor]) -> Callable[[], object]:
@@ -149,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-images", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--varied", action="store_true", help="new images every call (as a data set gives)")
+    parser.add_argument("--data-file", default=None, help="time these images (a data file, or `sample`)")
     args = parser.parse_args(argv)
     report = run(args.geometry, args.device, bench_dtype(args), tuple(args.batch_sizes), args.target_tokens,
-                 args.calib_images, args.repeats, args.warmup, args.varied)  # fmt: skip
+                 args.calib_images, args.repeats, args.warmup, args.varied, args.data_file)  # fmt: skip
     return emit(report, format_table(report), args.out)
 
 
