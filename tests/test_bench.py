@@ -5,7 +5,9 @@ must show up in their own stage only."""
 from __future__ import annotations
 
 import json
+import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from dymu.bench import run as bench_run
 from dymu.bench.command import main as bench_main
 from dymu.bench.data import SAMPLE_DATA, load_data_file
 from dymu.cli import main as cli_main
+from dymu.cuda_graph import release_compile_workers
 from dymu.errors import DymuError
 from dymu.options import Options
 
@@ -309,3 +312,27 @@ def test_a_modes_switches_reach_its_prefill(tmp_path, monkeypatch) -> None:
     modes = "dymu-a:graphs=on;fused=off,dymu-b:graphs=off;fused=on"
     bench_run.run(_cfg(tmp_path, modes=modes, limit=1, warmup=0), ["test"])
     assert set(seen) == {(True, False), (False, True)}
+
+
+def test_every_batch_starts_without_idle_compile_workers(tmp_path, monkeypatch) -> None:
+    """Each batch first stops inductor's compile workers (left by any earlier compile), before its clock."""
+    events: list[str] = []
+    real_start = bench_run.StageClock.start
+    monkeypatch.setattr(bench_run, "release_compile_workers", lambda: events.append("release"))
+    monkeypatch.setattr(
+        bench_run.StageClock, "start", lambda self: (events.append("start"), real_start(self))[1]
+    )
+    bench_run.run(_cfg(tmp_path, modes="stock,dymu", limit=2, warmup=0), ["test"])
+    assert events and events == ["release", "start"] * (len(events) // 2)
+
+
+def test_release_compile_workers_shuts_down_inductors_pools_only_if_loaded(monkeypatch) -> None:
+    calls = []
+    fake = types.ModuleType("torch._inductor.async_compile")
+    fake.shutdown_compile_workers = lambda: calls.append(1)
+    monkeypatch.setitem(sys.modules, "torch._inductor.async_compile", fake)
+    release_compile_workers()
+    assert calls == [1]
+    monkeypatch.delitem(sys.modules, "torch._inductor.async_compile")
+    release_compile_workers()  # not imported: nothing to stop, and nothing gets imported
+    assert "torch._inductor.async_compile" not in sys.modules and calls == [1]

@@ -27,7 +27,7 @@ from transformers import AutoTokenizer, LogitsProcessorList
 
 from ..api import DymuLlava, apply, format_prompt, load
 from ..calibration import calibrate, default_target_tokens
-from ..cuda_graph import capture_count
+from ..cuda_graph import capture_count, release_compile_workers
 from ..devices import device_from, dtype_from
 from ..errors import DymuError
 from ..generation import PreparedBatch, decode_path, generate_prepared, prepare, stock_prepare
@@ -246,6 +246,9 @@ def _graph_captures(model: DymuLlava) -> int:
 def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[Image.Image], cfg: BenchConfig,
               device: torch.device, batch_index: int) -> list[dict[str, Any]]:  # fmt: skip
     """One batch in one mode: stage edges, every step, counts and memory; one row per sample."""
+    # a compile in an earlier batch (our tower; transformers' static decode) leaves inductor's worker
+    # processes idling for a minute, and they slow this batch's host work (preprocessing 15x on an H100 host)
+    release_compile_workers()
     clock = StageClock(device)
     options = mode.options or model.options  # one mode's switches reach its tower, VTU and decode
     captures = _graph_captures(model)
