@@ -115,7 +115,7 @@ def test_compiled_block_equals_plain_block(tower) -> None:
         got = _functional_path(model, pixels, tau, compiled)
     except RuntimeError as err:  # dynamo / inductor errors are RuntimeErrors
         missing = _missing_module(err)
-        if missing is None:
+        if missing not in ("pkg_resources", "setuptools"):  # only inductor's C++ build toolchain
             raise
         pytest.skip(f"inductor cannot build CPU kernels in this environment (no {missing!r} module): {err}")
     _assert_same_tower(got, _functional_path(model, pixels, tau))
