@@ -116,6 +116,17 @@ def plan_merges(merge_a: torch.Tensor, dst: torch.Tensor, lengths: torch.Tensor,
     return MergePlan(target, new_lengths, changed)
 
 
+def _spread_padding(target: torch.Tensor, n: int) -> torch.Tensor:
+    """Send every padding token (target n) to its own slot, its position j, for the sums.
+
+    Why: a static-shape row merged down to a few dozen tokens has hundreds of padding tokens, and
+    summed into one slot their atomic adds serialise on it (zeros, but the atomics still queue).
+    Slot j is free: a padding token sits at or after its row's length, which no merge increases,
+    so j is a padding slot of the result too, and the token's weight (size) is 0 there anyway."""
+    own = torch.arange(n, device=target.device)[None]
+    return torch.where(target == n, own, target)
+
+
 def apply_plan(
     plan: MergePlan, x: torch.Tensor, size: torch.Tensor, pos: torch.Tensor, out_len: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,9 +139,9 @@ def apply_plan(
     can be captured in a CUDA graph.
     """
     bsz, n, dim = x.shape
-    slots = n + 1  # slot n collects padding and is dropped
+    slots = n  # padding sums into its own (padding) slot: every target is below n
     w = size.float()
-    flat_target = (plan.target + torch.arange(bsz, device=x.device)[:, None] * slots).flatten()
+    flat_target = (_spread_padding(plan.target, n) + torch.arange(bsz, device=x.device)[:, None] * slots).flatten()
     den = group_sum(w.reshape(-1), flat_target, bsz * slots).view(bsz, slots)
     num = group_sum((x.float() * w[..., None]).reshape(bsz * n, dim), flat_target, bsz * slots)
     merged_x = (num.view(bsz, slots, dim)[:, :out_len] / den[:, :out_len, None].clamp_min(1e-12)).to(x.dtype)

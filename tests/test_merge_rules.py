@@ -139,3 +139,32 @@ def test_plan_and_apply_match_plain_loops(tau: float) -> None:
             assert torch.equal(got_x[b, :new_len], x[b, :new_len])
         assert got_pos[b].tolist() == [target[p] for p in pos[b].tolist()]
     assert bool(plan.changed.any()) or tau == 2.0
+
+
+def test_static_length_apply_sums_padding_into_distinct_padding_slots() -> None:
+    """At the static length (out_len = n, what the graphed tower runs) every padding token sums into
+    a slot of its own that is padding in the result too (one shared slot serialised hundreds of
+    atomic adds on a GPU): no two tokens of a row share a padding slot, real slots never see the
+    padding's (finite, large) values, and a merged row's padding slots come out zero with size 0."""
+    from dymu.merge import _spread_padding
+
+    gen = torch.Generator().manual_seed(9)
+    lengths = torch.tensor([13, 6, 9, 3])
+    bsz, n, dim = 4, 13, 4
+    real = torch.arange(n)[None] < lengths[:, None]
+    x = torch.where(real[..., None], torch.randn(bsz, n, dim, generator=gen), torch.full((bsz, n, dim), 1e4))
+    size = torch.randint(1, 4, (bsz, n), generator=gen).float() * real
+    pos = torch.zeros(bsz, 2, dtype=torch.long)
+    edges = bipartite_edges(_metric(6, bsz, n), lengths)
+    plan = plan_merges(threshold_merges(edges, 0.5), edges.dst, lengths, n)
+    assert plan.changed.tolist() == [True, False, True, False]  # merged rows and identity rows
+    spread = _spread_padding(plan.target, n)
+    got_x, got_size, _ = apply_plan(plan, x, size, pos, n)
+    for b in range(bsz):
+        new_len = int(plan.new_lengths[b])
+        padding = spread[b][~real[b]].tolist()
+        assert len(set(padding)) == len(padding) and all(new_len <= slot < n for slot in padding)
+        assert float(got_x[b, :new_len].abs().max()) < 100, "padding leaked into a real slot"
+        assert torch.equal(got_size[b, new_len:], torch.zeros(n - new_len))
+        if plan.changed[b]:
+            assert torch.equal(got_x[b, new_len:], torch.zeros(n - new_len, dim))
