@@ -141,7 +141,9 @@ def apply_plan(
     bsz, n, dim = x.shape
     slots = n  # padding sums into its own (padding) slot: every target is below n
     w = size.float()
-    flat_target = (_spread_padding(plan.target, n) + torch.arange(bsz, device=x.device)[:, None] * slots).flatten()
+    flat_target = (
+        _spread_padding(plan.target, n) + torch.arange(bsz, device=x.device)[:, None] * slots
+    ).flatten()
     den = group_sum(w.reshape(-1), flat_target, bsz * slots).view(bsz, slots)
     num = group_sum((x.float() * w[..., None]).reshape(bsz * n, dim), flat_target, bsz * slots)
     merged_x = (num.view(bsz, slots, dim)[:, :out_len] / den[:, :out_len, None].clamp_min(1e-12)).to(x.dtype)
