@@ -35,6 +35,7 @@ from .compat.shims import (
 from .errors import DymuError
 from .families import LlavaParts, split_at_image
 from .options import DEFAULT, Options
+from .prefill_graph import BUCKET as ROW_BUCKET
 from .prefill_graph import graphed_vtu_prefill
 from .static_decode import StaticDecoder
 from .tower import TowerOutput, encode_images
@@ -155,8 +156,9 @@ def prepare(
         ids_out[b, width_v - n_v :] = torch.tensor(virtual_ids[b], device=device)
         start += n_u
     zero = merged_rows[0].new_zeros(1, merged_rows[0].shape[-1])
-    if packed:
-        merged = torch.cat([zero, *(r[:-1] for r in merged_rows)])[None]
+    if packed:  # and rounded up to a bucket of zero rows no position reads: a few GEMM shapes, not one per batch
+        spare = -start % ROW_BUCKET
+        merged = torch.cat([zero, *(r[:-1] for r in merged_rows), zero.expand(spare, -1)])[None]
     else:
         merged = torch.stack(
             [torch.cat([zero.expand(width_u - len(r) + 1, -1), r[:-1]]) for r in merged_rows]
