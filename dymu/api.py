@@ -84,8 +84,12 @@ class DymuLlava:
 
     def prepare(self, prompts: Sequence[str], images: Sequence[ImageInput]) -> PreparedBatch:
         """DyMU prefill of a batch (one image per prompt) into a cache, ready for `generate`."""
+        return self._prepare(prompts, images, borrow=False)
+
+    def _prepare(self, prompts: Sequence[str], images: Sequence[ImageInput], borrow: bool) -> PreparedBatch:
         ids = [self.tokenize(p) for p in prompts]
-        return prepare(self.parts, ids, self.pixel_values(images), self.thresholds, self.vtu, self.options)
+        pixels = self.pixel_values(images)
+        return prepare(self.parts, ids, pixels, self.thresholds, self.vtu, self.options, borrow=borrow)
 
     def generate(
         self,
@@ -97,7 +101,7 @@ class DymuLlava:
         """Greedy answers for full prompts (use `format_prompt` for LLaVA's template)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         images = [images] if isinstance(images, (Image.Image, str, Path)) else list(images)
-        batch = self.prepare(prompts, images)
+        batch = self._prepare(prompts, images, borrow=True)  # decoded right here: no copy of the K/V needed
         out = generate_prepared(self.parts, batch, max_new_tokens, self.options, **kwargs)
         new = out.sequences[:, batch.virtual_ids.shape[1] :]
         stops = self.eos_ids(kwargs.get("eos_token_id"))

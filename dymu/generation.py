@@ -51,6 +51,7 @@ class PrefillKV:
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    current: Callable[[], bool] | None = None  # borrowed from the prefill graph: still unchanged?
 
 
 @dataclass
@@ -69,14 +70,23 @@ class PreparedBatch:
         """The prefill as this transformers' cache, built on first use: the graph decode reads the
         tensors directly and never pays for the copy into a DynamicCache."""
         if isinstance(self.kv, PrefillKV):
+            self._check_current()
             self.kv = new_cache(self.model, self.kv.keys, self.kv.values)
         return self.kv
 
     def tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-layer (keys, values), from wherever they are now."""
         if isinstance(self.kv, PrefillKV):
+            self._check_current()
             return self.kv.keys, self.kv.values
         return cache_tensors(self.kv)
+
+    def _check_current(self) -> None:
+        current = self.kv.current
+        if current is not None and not current():
+            raise DymuError("this batch was prepared with borrow=True and a later prepare has overwritten its keys "
+                            "and values; decode a borrowed batch before preparing the next one, or prepare it "
+                            "without borrow")  # fmt: skip
 
 
 def virtual_mask(decoder: torch.nn.Module, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -97,11 +107,14 @@ def prepare(
     vtu: str = "fast",
     options: Options = DEFAULT,
     on_stage: StageHook | None = None,
+    borrow: bool = False,
 ) -> PreparedBatch:
     """Run the DyMU prefill for a batch of prompts (one image each) and fill the cache.
 
     `on_stage("vision")` is called once the merged features are projected, so a benchmark can
-    mark the stage edge (the prefill ends when this returns)."""
+    mark the stage edge (the prefill ends when this returns). `borrow=True` (for a caller that
+    decodes this batch before preparing another) lets a graphed prefill hand over its K/V buffer
+    instead of a copy: one KV cache less at the peak; a later prepare makes the batch refuse use."""
     if vtu not in VTU_MODES:
         raise DymuError(f"vtu={vtu!r} is not one of {', '.join(VTU_MODES)}")
     if len(prompt_ids) != pixel_values.shape[0]:
@@ -167,11 +180,10 @@ def prepare(
     positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, :-1]
     attn_mask = None if bool(valid.all()) else virtual_mask(parts.decoder, valid, dtype)
     graphed = merged.is_cuda and bsz <= options.prefill_graph_batch  # batch 1 is launch-bound
-    out = (graphed_vtu_prefill if graphed else vtu_prefill)(
-        parts.decoder, merged, idx, rope_theta(parts.decoder.config), positions, attn_mask, options
-    )
+    args = (parts.decoder, merged, idx, rope_theta(parts.decoder.config), positions, attn_mask, options)
+    out = graphed_vtu_prefill(*args, borrow=borrow) if graphed else vtu_prefill(*args)
     visual = [int(n) for n in tower.num_tokens]
-    return PreparedBatch(PrefillKV(out.keys, out.values), ids_out, mask, visual, tower, parts.model)
+    return PreparedBatch(PrefillKV(out.keys, out.values, out.current), ids_out, mask, visual, tower, parts.model)
 
 
 @torch.no_grad()

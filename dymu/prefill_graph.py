@@ -36,6 +36,7 @@ class _DecoderGraphs:
     def __init__(self) -> None:
         self.graphs = GraphCache(limit=_MAX_GRAPHS)
         self.buffers: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.replays = 0  # graph prefills run so far: a borrowed output is current until the next one
 
     def buffer(self, key: tuple, make) -> torch.Tensor:
         """The shared K/V buffer for one (batch, padded N) shape; evicting one drops its graphs."""
@@ -97,9 +98,14 @@ def graphed_vtu_prefill(
     positions: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     options: Options = DEFAULT,
+    borrow: bool = False,
 ) -> VtuOutput:
     """`vtu_prefill` with the same arguments, replayed from a CUDA graph per padded shape (eager
-    off-GPU, or where capture fails: then with one warning)."""
+    off-GPU, or where capture fails: then with one warning).
+
+    `borrow=True` returns views of the shared K/V buffer instead of copies, for a caller that copies
+    them into its decode cache before the next prefill (the copies are a full KV cache: 350 MB for a
+    7B model at batch 1); the output's `current()` turns False once a later prefill overwrote them."""
     positions = default_positions(idx) if positions is None else positions
     merged_p, idx_p, positions_p, mask_p, pad_u, pad_n = pad_inputs(merged_embeds, idx, positions, mask)
     config = decoder.config
@@ -122,5 +128,10 @@ def graphed_vtu_prefill(
     outputs = state.graphs.call(call_key, fn, inputs)
     if outputs is None:  # capture failed: the plain prefill
         return vtu_prefill(decoder, merged_embeds, idx, rope_theta, positions, mask, options)
+    state.replays += 1
+    if borrow:
+        kept, hidden, stamp = kv[..., pad_n:, :], outputs[0][:, pad_u:], state.replays
+        current = lambda: state.replays == stamp  # noqa: E731 - a one-line check
+        return VtuOutput(hidden, list(kept[:, 0].unbind(0)), list(kept[:, 1].unbind(0)), current)
     kept = kv[..., pad_n:, :].clone()
     return VtuOutput(outputs[0][:, pad_u:].clone(), list(kept[:, 0].unbind(0)), list(kept[:, 1].unbind(0)))

@@ -13,6 +13,7 @@ per-layer (key, value) tensors at length N, which the caller puts into a cache.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,7 @@ class VtuOutput:
     hidden: torch.Tensor  # (B, N_u, D)
     keys: list[torch.Tensor]  # (B, H_kv, N, hd) each
     values: list[torch.Tensor]
+    current: Callable[[], bool] | None = None  # borrowed tensors: False once something overwrote them
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -131,3 +131,30 @@ def test_a_capture_gets_its_own_cublas_workspace(monkeypatch: pytest.MonkeyPatch
         calls.append("capture")
         raise RuntimeError("capture failed")
     assert calls == ["clear", "capture", "clear"]
+
+
+def test_borrowed_prefill_is_the_same_values_until_the_next_prefill_overwrites_them() -> None:
+    """`borrow=True` hands out views of the shared K/V buffer (no second KV cache at the peak): the
+    same values as the copies, current until the next prefill of that shape, then refused by the
+    batch that holds them (a stale cache would decode silently wrong)."""
+    from dymu.generation import PrefillKV, PreparedBatch
+
+    model = small_llama()
+    theta = rope_theta(model.config)
+    torch.manual_seed(4)
+    merged = torch.randn(1, 9, 64)
+    merged[:, 0] = 0
+    idx = torch.tensor([[1, 2, 2, 3, 4, 5, 6, 7, 8, 8]])
+    copied = graphed_vtu_prefill(model, merged, idx, theta)
+    borrowed = graphed_vtu_prefill(model, merged, idx, theta, borrow=True)
+    assert copied.current is None and borrowed.current is not None and borrowed.current()
+    _assert_same(copied, borrowed)
+    batch = PreparedBatch(PrefillKV(borrowed.keys, borrowed.values, borrowed.current), idx, idx, [1], None)
+    assert batch.tensors()[0][0] is borrowed.keys[0]  # handed over, not copied
+    graphed_vtu_prefill(model, torch.randn(1, 9, 64), idx, theta)  # another sample, same shape
+    assert not borrowed.current()
+    assert not torch.equal(borrowed.keys[0], copied.keys[0])  # the buffer really was overwritten
+    with pytest.raises(DymuError, match="overwritten"):
+        batch.tensors()
+    with pytest.raises(DymuError, match="overwritten"):
+        batch.cache  # noqa: B018 - the property is the check
