@@ -169,7 +169,7 @@ def prepare(
         ids_out[b, width_v - n_v :] = torch.tensor(virtual_ids[b], device=device)
         start += n_u
     zero = merged_rows[0].new_zeros(1, merged_rows[0].shape[-1])
-    if packed:  # and rounded up to a bucket of zero rows no position reads: a few GEMM shapes, not one per batch
+    if packed:  # rounded up to a bucket of zero rows no position reads: a few GEMM shapes, not one a batch
         spare = -start % ROW_BUCKET
         merged = torch.cat([zero, *(r[:-1] for r in merged_rows), zero.expand(spare, -1)])[None]
     else:
@@ -183,7 +183,9 @@ def prepare(
     args = (parts.decoder, merged, idx, rope_theta(parts.decoder.config), positions, attn_mask, options)
     out = graphed_vtu_prefill(*args, borrow=borrow) if graphed else vtu_prefill(*args)
     visual = [int(n) for n in tower.num_tokens]
-    return PreparedBatch(PrefillKV(out.keys, out.values, out.current), ids_out, mask, visual, tower, parts.model)
+    return PreparedBatch(
+        PrefillKV(out.keys, out.values, out.current), ids_out, mask, visual, tower, parts.model
+    )
 
 
 @torch.no_grad()

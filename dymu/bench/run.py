@@ -264,8 +264,9 @@ def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[
     if mode.kind == "stock":
         batch = stock_prepare(model.parts, ids, pixels, on_stage=clock.mark)
     else:
-        batch = prepare(model.parts, ids, pixels, mode.thresholds, mode.vtu, options, on_stage=clock.mark,
-                        borrow=True)  # decoded before the next prepare, as `DymuLlava.generate` does
+        batch = prepare(
+            model.parts, ids, pixels, mode.thresholds, mode.vtu, options, on_stage=clock.mark, borrow=True
+        )  # decoded before the next prepare, as `DymuLlava.generate` does
     clock.mark("prefill")
     gen: dict[str, Any] = {
         "logits_processor": LogitsProcessorList([StepRecorder(clock)]),
