@@ -63,7 +63,9 @@ class Segments:
         return cls(members, offsets, 1.0 / counts.float().clamp_min(1.0))
 
 
-def segment_mean(src: torch.Tensor, segments: Segments, chunk: int = 64, block: int = 64) -> torch.Tensor:
+def segment_mean(
+    src: torch.Tensor, segments: Segments, chunk: int = 64, block: int = 64, warps: int = 4
+) -> torch.Tensor:
     """(R, D) rows -> (groups, D) means in `src`'s dtype (float32 sums; an empty group is 0).
 
     One program per (group, `block` columns) walks its group `chunk` members at a time: narrow
@@ -75,6 +77,14 @@ def segment_mean(src: torch.Tensor, segments: Segments, chunk: int = 64, block: 
     out = torch.empty(groups, dim, dtype=src.dtype, device=src.device)
     block = min(block, 1 << (dim - 1).bit_length())
     _kernel()[(groups, -(-dim // block))](
-        src, segments.members, segments.offsets, segments.scale, out, dim, CHUNK=chunk, BLOCK=block
+        src,
+        segments.members,
+        segments.offsets,
+        segments.scale,
+        out,
+        dim,
+        CHUNK=chunk,
+        BLOCK=block,
+        num_warps=warps,
     )
     return out
