@@ -174,9 +174,9 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
         help="decoder norms, residual adds and SiLU*up as the modules, not Triton kernels",
     )  # fmt: skip
     group.add_argument(
-        "--fused-remerge",
+        "--no-fused-remerge",
         action="store_true",
-        help="VTU remerge as a Triton segment mean (fixed sum order; slower than index_add_ on an H100)",
+        help="VTU remerge as float32 index_add_, not the Triton segment mean",
     )
     group.add_argument(
         "--no-cuda-graphs", action="store_true", help="run the DToMe tower eagerly, not as CUDA graphs"
@@ -200,7 +200,7 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
 
 def options_from(args: argparse.Namespace) -> Options:
     return Options(fused_rope=not args.no_fused_rope, fused_rows=not args.no_fused_rows,
-                   fused_remerge=args.fused_remerge, cuda_graphs=not args.no_cuda_graphs,
+                   fused_remerge=not args.no_fused_remerge, cuda_graphs=not args.no_cuda_graphs,
                    compile_tower=not args.no_compile_tower,
                    graph_segment=args.graph_segment, prefill_graph_batch=args.prefill_graph_batch,
                    deterministic_remerge=args.deterministic_remerge)  # fmt: skip
