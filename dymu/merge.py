@@ -123,7 +123,9 @@ def _spread_padding(target: torch.Tensor, n: int) -> torch.Tensor:
     summed into one slot their atomic adds serialise on it (zeros, but the atomics still queue).
     Slot j is free: a padding token sits at or after its row's length, which no merge increases,
     so j is a padding slot of the result too, and the token's weight (size) is 0 there anyway."""
-    own = torch.arange(n, device=target.device)[None]
+    # expanded, not broadcast: torch 2.5.1's inductor (CPU) compiled the broadcast `where` into wrong
+    # merges (tests/test_compiled_tower.py in the bin-guard cell); the expanded form compiles right
+    own = torch.arange(n, device=target.device)[None].expand_as(target)
     return torch.where(target == n, own, target)
 
 
