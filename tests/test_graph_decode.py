@@ -241,6 +241,21 @@ def test_prepare_packs_rows_and_matches_the_padded_prefill(trained_checkpoints, 
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_row_buckets_change_no_key_or_value(trained_checkpoints, monkeypatch) -> None:
+    """The 64-row buckets (zero rows after the packed prefill rows, and after each image's merged
+    features for the projector) change nothing a decode reads: the same keys and values as without
+    buckets, on merged lengths that are not multiples of the bucket."""
+    model = dymu.load(trained_checkpoints[tiny.HF_SAFETENSORS], thresholds=task_thresholds())
+    ids, pixels, tau = _inputs(model, 4)
+    bucketed = generation.prepare(model.parts, ids, pixels, tau)
+    assert any(n % generation.ROW_BUCKET for n in bucketed.visual_tokens), "the projector bucket must pad"
+    monkeypatch.setattr(generation, "ROW_BUCKET", 1)
+    plain = generation.prepare(model.parts, ids, pixels, tau)
+    for got_layers, want_layers in zip(bucketed.tensors(), plain.tensors(), strict=True):
+        for got, want in zip(got_layers, want_layers, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_static_decoder_keeps_the_models_dtype_and_refuses_mismatched_layers() -> None:
     decoder, head = _decoder()
     decoder, head = decoder.to(torch.bfloat16), head.to(torch.bfloat16)
