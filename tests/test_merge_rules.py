@@ -9,7 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dymu.merge import apply_plan, bipartite_edges, plan_merges, threshold_merges, top_k_merges
+from dymu.merge import (
+    _spread_padding,
+    apply_plan,
+    bipartite_edges,
+    plan_merges,
+    threshold_merges,
+    top_k_merges,
+)
 
 
 def _metric(seed: int, bsz: int = 3, n: int = 11, dim: int = 5) -> torch.Tensor:
@@ -146,8 +153,6 @@ def test_static_length_apply_sums_padding_into_distinct_padding_slots() -> None:
     a slot of its own that is padding in the result too (one shared slot serialised hundreds of
     atomic adds on a GPU): no two tokens of a row share a padding slot, real slots never see the
     padding's (finite, large) values, and a merged row's padding slots come out zero with size 0."""
-    from dymu.merge import _spread_padding
-
     gen = torch.Generator().manual_seed(9)
     lengths = torch.tensor([13, 6, 9, 3])
     bsz, n, dim = 4, 13, 4

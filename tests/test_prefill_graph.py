@@ -10,6 +10,7 @@ from test_vtu_core import small_llama
 from dymu import cuda_graph, prefill_graph
 from dymu.compat.shims import rope_theta
 from dymu.errors import DymuError
+from dymu.generation import PrefillKV, PreparedBatch
 from dymu.options import Options
 from dymu.prefill_graph import BUCKET, graphed_vtu_prefill, pad_inputs
 from dymu.vtu import additive_mask, vtu_prefill
@@ -137,8 +138,6 @@ def test_borrowed_prefill_is_the_same_values_until_the_next_prefill_overwrites_t
     """`borrow=True` hands out views of the shared K/V buffer (no second KV cache at the peak): the
     same values as the copies, current until the next prefill of that shape, then refused by the
     batch that holds them (a stale cache would decode silently wrong)."""
-    from dymu.generation import PrefillKV, PreparedBatch
-
     model = small_llama()
     theta = rope_theta(model.config)
     torch.manual_seed(4)
