@@ -36,8 +36,7 @@ from .compat.shims import (
 from .errors import DymuError
 from .families import LlavaParts, split_at_image
 from .options import DEFAULT, Options
-from .prefill_graph import BUCKET as ROW_BUCKET
-from .prefill_graph import graphed_vtu_prefill
+from .prefill_graph import bucket_spare, graphed_vtu_prefill
 from .static_decode import StaticDecoder
 from .tower import TowerOutput, encode_images
 from .vtu import additive_mask, vtu_prefill
@@ -128,7 +127,7 @@ def prepare(
     # the projector's rows rounded up to a bucket: every new GEMM shape costs its first call several ms (cuBLAS
     # heuristics, kernel loading; 5-7 ms at batch 8 on an H100), and merged lengths change with every batch
     features = tower.padded.to(dtype)
-    spare = -features.shape[1] % ROW_BUCKET
+    spare = bucket_spare(features.shape[1])
     projected = parts.projector(F.pad(features, (0, 0, 0, spare)))[:, : features.shape[1]]
     patches = tower.mapping[0].numel()
     if on_stage is not None:
@@ -175,8 +174,7 @@ def prepare(
         start += n_u
     zero = merged_rows[0].new_zeros(1, merged_rows[0].shape[-1])
     if packed:  # rounded up to a bucket of zero rows no position reads: a few GEMM shapes, not one a batch
-        spare = -start % ROW_BUCKET
-        merged = torch.cat([zero, *(r[:-1] for r in merged_rows), zero.expand(spare, -1)])[None]
+        merged = torch.cat([zero, *(r[:-1] for r in merged_rows), zero.expand(bucket_spare(start), -1)])[None]
     else:
         merged = torch.stack(
             [torch.cat([zero.expand(width_u - len(r) + 1, -1), r[:-1]]) for r in merged_rows]

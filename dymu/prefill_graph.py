@@ -58,8 +58,10 @@ def capture_count(decoder: nn.Module) -> int:
     return state.graphs.captures if state is not None else 0
 
 
-def _round_up(n: int) -> int:
-    return -(-n // BUCKET) * BUCKET
+def bucket_spare(n: int) -> int:
+    """Rows (or positions) that round `n` up to a multiple of `BUCKET`: every padded shape this
+    module and `generation.prepare` make comes from here."""
+    return -n % BUCKET
 
 
 def pad_inputs(
@@ -69,7 +71,7 @@ def pad_inputs(
     mask always explicit) and the two pad widths."""
     rows_bsz, n_u, dim = merged.shape  # 1 for packed rows (vtu_prefill)
     bsz, n = idx.shape
-    pad_u, pad_n = _round_up(n_u) - n_u, _round_up(n) - n
+    pad_u, pad_n = bucket_spare(n_u), bucket_spare(n)
     merged_p = torch.cat([merged.new_zeros(rows_bsz, pad_u, dim), merged], dim=1)
     idx_p = torch.cat([idx.new_zeros(bsz, pad_n), idx + pad_u], dim=1)  # padding reads zero row 0
     positions_p = torch.cat([positions.new_zeros(bsz, pad_n), positions], dim=1)

@@ -15,7 +15,7 @@ from legacy_family import FAMILY_DIRS, skip_without_legacy
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import dymu
-from dymu import decode_loop, generation
+from dymu import decode_loop, generation, prefill_graph
 from dymu.api import format_prompt
 from dymu.matrix.golden import task_thresholds
 from dymu.options import Options
@@ -233,7 +233,7 @@ def test_prepare_packs_rows_and_matches_the_padded_prefill(trained_checkpoints, 
     rows = [
         len(i) - 2 + n for i, n in zip(ids, packed.visual_tokens, strict=True)
     ]  # no <image>, no last token
-    bucket = generation.ROW_BUCKET  # packed rows are rounded up to a bucket (a few GEMM shapes)
+    bucket = prefill_graph.BUCKET  # packed rows are rounded up to a bucket (a few GEMM shapes)
     assert shapes_seen == [(1, -(-(1 + sum(rows)) // bucket) * bucket), (4, 1 + max(rows))]  # dump row, rows
     assert len(set(packed.visual_tokens)) > 1  # rows of different lengths
     for got_layers, want_layers in zip(packed.tensors(), padded.tensors(), strict=True):
@@ -248,8 +248,8 @@ def test_row_buckets_change_no_key_or_value(trained_checkpoints, monkeypatch) ->
     model = dymu.load(trained_checkpoints[tiny.HF_SAFETENSORS], thresholds=task_thresholds())
     ids, pixels, tau = _inputs(model, 4)
     bucketed = generation.prepare(model.parts, ids, pixels, tau)
-    assert any(n % generation.ROW_BUCKET for n in bucketed.visual_tokens), "the projector bucket must pad"
-    monkeypatch.setattr(generation, "ROW_BUCKET", 1)
+    assert any(n % prefill_graph.BUCKET for n in bucketed.visual_tokens), "the projector bucket must pad"
+    monkeypatch.setattr(prefill_graph, "BUCKET", 1)
     plain = generation.prepare(model.parts, ids, pixels, tau)
     for got_layers, want_layers in zip(bucketed.tensors(), plain.tensors(), strict=True):
         for got, want in zip(got_layers, want_layers, strict=True):
