@@ -131,9 +131,9 @@ def graphed_vtu_prefill(
     if outputs is None:  # capture failed: the plain prefill
         return vtu_prefill(decoder, merged_embeds, idx, rope_theta, positions, mask, options)
     state.replays += 1
+    kept, hidden, stamp = kv[..., pad_n:, :], outputs[0][:, pad_u:], state.replays
     if borrow:
-        kept, hidden, stamp = kv[..., pad_n:, :], outputs[0][:, pad_u:], state.replays
         current = lambda: state.replays == stamp  # noqa: E731 - a one-line check
-        return VtuOutput(hidden, list(kept[:, 0].unbind(0)), list(kept[:, 1].unbind(0)), current)
-    kept = kv[..., pad_n:, :].clone()
-    return VtuOutput(outputs[0][:, pad_u:].clone(), list(kept[:, 0].unbind(0)), list(kept[:, 1].unbind(0)))
+    else:
+        kept, hidden, current = kept.clone(), hidden.clone(), None
+    return VtuOutput(hidden, list(kept[:, 0].unbind(0)), list(kept[:, 1].unbind(0)), current)
