@@ -15,7 +15,7 @@ from . import families
 from .checkpoints import check_sizes, check_weights
 from .errors import DymuError
 from .families import Family, LlavaParts, split_at_image
-from .generation import PreparedBatch, generate_prepared, id_set, prepare
+from .generation import PreparedBatch, generate_prepared, id_set, prepare, sink_tokens
 from .images import preprocess
 from .options import DEFAULT, Options
 from .thresholds import load_thresholds, validate_thresholds
@@ -86,10 +86,12 @@ class DymuLlava:
         """DyMU prefill of a batch (one image per prompt) into a cache, ready for `generate`."""
         return self._prepare(prompts, images, borrow=False)
 
-    def _prepare(self, prompts: Sequence[str], images: Sequence[ImageInput], borrow: bool) -> PreparedBatch:
+    def _prepare(self, prompts: Sequence[str], images: Sequence[ImageInput], borrow: bool,
+                 decode_tokens: int | None = None) -> PreparedBatch:  # fmt: skip
         ids = [self.tokenize(p) for p in prompts]
         pixels = self.pixel_values(images)
-        return prepare(self.parts, ids, pixels, self.thresholds, self.vtu, self.options, borrow=borrow)
+        return prepare(self.parts, ids, pixels, self.thresholds, self.vtu, self.options, borrow=borrow,
+                       decode_tokens=decode_tokens)  # fmt: skip
 
     def generate(
         self,
@@ -101,7 +103,9 @@ class DymuLlava:
         """Greedy answers for full prompts (use `format_prompt` for LLaVA's template)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         images = [images] if isinstance(images, (Image.Image, str, Path)) else list(images)
-        batch = self._prepare(prompts, images, borrow=True)  # decoded right here: no copy of the K/V needed
+        # decoded right here: no copy of the K/V needed, and the graph decode's buffer is the prefill's cache
+        sink = sink_tokens(self.parts, self.options, kwargs, max_new_tokens)
+        batch = self._prepare(prompts, images, borrow=True, decode_tokens=sink)
         out = generate_prepared(self.parts, batch, max_new_tokens, self.options, **kwargs)
         new = out.sequences[:, batch.virtual_ids.shape[1] :]
         stops = self.eos_ids(kwargs.get("eos_token_id"))

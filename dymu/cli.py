@@ -179,6 +179,10 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
         help="VTU remerge as float32 index_add_, not the Triton segment mean",
     )
     group.add_argument(
+        "--no-kv-sink", action="store_true",
+        help="the DyMU prefill keeps its own keys and values (copied into the graph decode's buffer at load)",
+    )  # fmt: skip
+    group.add_argument(
         "--no-cuda-graphs", action="store_true", help="run the DToMe tower eagerly, not as CUDA graphs"
     )
     group.add_argument(
@@ -200,7 +204,8 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
 
 def options_from(args: argparse.Namespace) -> Options:
     return Options(fused_rope=not args.no_fused_rope, fused_rows=not args.no_fused_rows,
-                   fused_remerge=not args.no_fused_remerge, cuda_graphs=not args.no_cuda_graphs,
+                   fused_remerge=not args.no_fused_remerge, kv_sink=not args.no_kv_sink,
+                   cuda_graphs=not args.no_cuda_graphs,
                    compile_tower=not args.no_compile_tower,
                    graph_segment=args.graph_segment, prefill_graph_batch=args.prefill_graph_batch,
                    deterministic_remerge=args.deterministic_remerge)  # fmt: skip

@@ -108,13 +108,18 @@ def prepare(
     options: Options = DEFAULT,
     on_stage: StageHook | None = None,
     borrow: bool = False,
+    decode_tokens: int | None = None,
 ) -> PreparedBatch:
     """Run the DyMU prefill for a batch of prompts (one image each) and fill the cache.
 
     `on_stage("vision")` is called once the merged features are projected, so a benchmark can
     mark the stage edge (the prefill ends when this returns). `borrow=True` (for a caller that
     decodes this batch before preparing another) lets a graphed prefill hand over its K/V buffer
-    instead of a copy: one KV cache less at the peak; a later prepare makes the batch refuse use."""
+    instead of a copy: one KV cache less at the peak; a later prepare makes the batch refuse use.
+    `decode_tokens=n` (for a caller that decodes n new tokens on the graph path next) writes the
+    keys and values straight into that decode's buffer: no KV cache of the prefill's own and no
+    copy into the buffer (at batch 8 a 7B model's is 2.6 GB); the batch is borrowed from the buffer
+    and refuses use once another prefill or decode has filled it."""
     if vtu not in VTU_MODES:
         raise DymuError(f"vtu={vtu!r} is not one of {', '.join(VTU_MODES)}")
     if len(prompt_ids) != pixel_values.shape[0]:
@@ -183,12 +188,19 @@ def prepare(
     positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, :-1]
     attn_mask = None if bool(valid.all()) else virtual_mask(parts.decoder, valid, dtype)
     graphed = merged.is_cuda and bsz <= options.prefill_graph_batch  # batch 1 is launch-bound
+    sink, current = None, None
+    if decode_tokens is not None:
+        check_new_tokens(parts, width_v, decode_tokens)
+        step = static_decoder_for(parts, bsz, width_v + decode_tokens, dtype, device, options.cuda_graphs,
+                                  options.fused_rope, options.fused_rows)  # fmt: skip
+        written = width_v - 1 + (bucket_spare(width_v - 1) if graphed else 0)  # the graph's padding too
+        if written <= step.length:  # always, unless the context limit capped the buffer
+            sink, current = step.sink()
     args = (parts.decoder, merged, idx, rope_theta(parts.decoder.config), positions, attn_mask, options)
-    out = graphed_vtu_prefill(*args, borrow=borrow) if graphed else vtu_prefill(*args)
+    out = graphed_vtu_prefill(*args, borrow=borrow, sink=sink) if graphed else vtu_prefill(*args, sink=sink)
     visual = [int(n) for n in tower.num_tokens]
-    return PreparedBatch(
-        PrefillKV(out.keys, out.values, out.current), ids_out, mask, visual, tower, parts.model
-    )
+    kv = PrefillKV(out.keys, out.values, current or out.current)
+    return PreparedBatch(kv, ids_out, mask, visual, tower, parts.model)
 
 
 @torch.no_grad()
@@ -279,6 +291,17 @@ def static_decoder_for(parts: LlavaParts, batch: int, length: int, dtype: torch.
     return held
 
 
+def check_new_tokens(parts: LlavaParts, prompt: int, max_new_tokens: Any) -> None:
+    """A one-line DymuError unless `max_new_tokens` is a positive integer that fits the context after
+    a prompt of `prompt` positions (text + image)."""
+    limit = getattr(parts.decoder.config, "max_position_embeddings", None)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise DymuError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
+    if limit is not None and prompt + max_new_tokens > limit:
+        raise DymuError(f"max_new_tokens={max_new_tokens}: the prompt is {prompt} positions (text + image) and the "
+                        f"model's context is {limit}; ask for at most {max(0, limit - prompt)} new tokens")  # fmt: skip
+
+
 def decode_path(
     parts: LlavaParts, options: Options = DEFAULT, kwargs: dict[str, Any] | None = None
 ) -> tuple[str, str]:
@@ -308,19 +331,23 @@ def decode_path(
     return "static", f"auto: the graph decode does not implement {', '.join(unhandled)}"
 
 
+def sink_tokens(
+    parts: LlavaParts, options: Options, kwargs: dict[str, Any], max_new_tokens: int
+) -> int | None:
+    """What `prepare(decode_tokens=...)` should get for a decode of `max_new_tokens` with these
+    generate keywords: the count where the graph decode will run and `options.kv_sink` is on."""
+    graph = decode_path(parts, options, kwargs)[0] == "graph"
+    return max_new_tokens if graph and options.kv_sink else None
+
+
 @torch.no_grad()
 def generate_prepared(parts: LlavaParts, batch: PreparedBatch, max_new_tokens: int, options: Options = DEFAULT,
                       **kwargs: Any):  # fmt: skip
     """Decode from a prepared batch (greedy unless asked otherwise) on the path `options.decode`
     picks (`decode_path`): dymu's graph decode, or the model's own generate from its dynamic cache
     or a static copy."""
-    limit = getattr(parts.decoder.config, "max_position_embeddings", None)
     prompt = batch.virtual_ids.shape[1]
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise DymuError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
-    if limit is not None and prompt + max_new_tokens > limit:
-        raise DymuError(f"max_new_tokens={max_new_tokens}: the prompt is {prompt} positions (text + image) and the "
-                        f"model's context is {limit}; ask for at most {max(0, limit - prompt)} new tokens")  # fmt: skip
+    check_new_tokens(parts, prompt, max_new_tokens)
     path = decode_path(parts, options, kwargs)[0]
     if path == "graph":
         return _graph_decode(parts, batch, max_new_tokens, options, kwargs)

@@ -17,6 +17,7 @@ LM head; RoPE is the default (unscaled) one, as in the VTU prefill.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,7 @@ class StaticDecoder:
         # with different switches replays each one's graph instead of re-capturing at every switch
         self.graphs: dict[tuple[bool, bool, bool], CapturedCall | None] = {}
         self.captures = 0
+        self.fills = 0  # prefills written into the buffers: what a sink holds is current until the next
         self.use(graphs, fused_rope, fused_rows)
 
     def use(self, graphs: bool, fused_rope: bool, fused_rows: bool) -> None:
@@ -72,9 +74,29 @@ class StaticDecoder:
         self.rows = DecoderRows(fused_rows and kernels_run_on(self.keys))  # norms + SiLU*up as kernels
         self.graph = self.graphs.get(self.variant)
 
+    def sink(self) -> tuple[tuple[torch.Tensor, torch.Tensor], Callable[[], bool]]:
+        """The key and value buffers (layers, B, H_kv, length, hd) for a prefill to write positions
+        0..n-1 of in place (`vtu_prefill(sink=...)`; `load` then copies nothing), and a check that
+        says whether what was written there is still unchanged (False after the next sink or load
+        of other tensors)."""
+        self.fills += 1
+        stamp = self.fills
+        return (self.keys, self.values), lambda: self.fills == stamp
+
+    def holds(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> bool:
+        """Whether these per-layer keys/values are this decoder's own positions 0..n-1 (a sink's)."""
+        n = keys[0].shape[2]
+        own = [*self.keys[:, :, :, :n].unbind(0), *self.values[:, :, :, :n].unbind(0)]
+        given = [*keys, *values]
+        return len(given) == len(own) and all(
+            t.data_ptr() == o.data_ptr() and t.shape == o.shape and t.stride() == o.stride()
+            for t, o in zip(given, own, strict=True)
+        )
+
     def load(self, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor) -> None:
         """Start a decode from a prefill: per-layer (B, H_kv, n, hd) keys/values at positions 0..n-1,
-        `valid` (B, n) marking real (not left-padding) positions. The next step writes position n."""
+        `valid` (B, n) marking real (not left-padding) positions. The next step writes position n.
+        Keys and values already in place (written through `sink`) are not copied."""
         n = keys[0].shape[2]
         if n >= self.length:
             raise ValueError(
@@ -82,9 +104,11 @@ class StaticDecoder:
             )
         if self.use_graph and self.graph is None:
             self._capture()  # its warm-up steps scribble on the state, which is reset below
-        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-            self.keys[layer, :, :, :n].copy_(k)
-            self.values[layer, :, :, :n].copy_(v)
+        if not self.holds(keys, values):
+            self.fills += 1
+            for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+                self.keys[layer, :, :, :n].copy_(k)
+                self.values[layer, :, :, :n].copy_(v)
         self.mask.fill_(torch.finfo(self.dtype).min)
         self.mask[:, 0, 0, :n].masked_fill_(valid.to(self.device, torch.bool), 0.0)
         self.index.fill_(n)
@@ -140,7 +164,10 @@ class StaticDecoder:
 
     def _capture(self) -> None:
         """Record `_step` as one CUDA graph (`cuda_graph.CapturedCall`: warm-up on a side stream, its
-        own cuBLAS workspace); if this stack cannot capture it, say so once and stay eager."""
+        own cuBLAS workspace); if this stack cannot capture it, say so once and stay eager. Its two
+        warm-up steps write positions 0 and 1, which are put back: a prefill may be in place already."""
+        kept = (self.keys[:, :, :, :2].clone(), self.values[:, :, :, :2].clone())
+        self.index.zero_()
         try:
             self.graph = CapturedCall(lambda ids: (self._step(ids),), (self.ids,), pool=None)
         except RuntimeError as err:
@@ -149,5 +176,8 @@ class StaticDecoder:
             warnings.warn(f"dymu: CUDA graph capture of the decode step failed, running eager ({err})",
                           RuntimeWarning, stacklevel=3)  # fmt: skip
             return
+        finally:
+            self.keys[:, :, :, :2].copy_(kept[0])
+            self.values[:, :, :, :2].copy_(kept[1])
         self.graphs[self.variant] = self.graph
         self.captures += 1

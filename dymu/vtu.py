@@ -110,15 +110,18 @@ class Rope:
     fused: bool  # True: float32 (B*N, hd/2) halves for the Triton kernel; False: (B, N, 1, hd)
 
 
-def _to_virtual(x: torch.Tensor, remerge: Remerger, heads: int, hd: int, rope: Rope, with_rope: bool):
-    """(B, N_u, heads*hd) merged projections -> (B, heads, N, hd) at the virtual rows."""
+def _to_virtual(x: torch.Tensor, remerge: Remerger, heads: int, hd: int, rope: Rope, with_rope: bool,
+                out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """(B, N_u, heads*hd) merged projections -> (B, heads, N, hd) at the virtual rows (written into
+    `out` if given: the kernel writes there directly, the torch path copies)."""
     x = x.view(x.shape[0], -1, heads, hd)
     if rope.fused:
-        return expand_rope(x, remerge.flat, remerge.n, *((rope.cos, rope.sin) if with_rope else (None, None)))
+        tables = (rope.cos, rope.sin) if with_rope else (None, None)
+        return expand_rope(x, remerge.flat, remerge.n, *tables, out=out)
     x = remerge.expand(x)
     if with_rope:
         x = apply_rope(x, rope.cos, rope.sin)
-    return x.transpose(1, 2)
+    return x.transpose(1, 2) if out is None else out.copy_(x.transpose(1, 2))
 
 
 def repeat_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
@@ -128,17 +131,19 @@ def repeat_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
     return x[:, :, None].expand(bsz, kv_heads, rep, n, hd).reshape(bsz, kv_heads * rep, n, hd)
 
 
-def _layer(layer: nn.Module, x, pending, rope: Rope, mask, config, remerge: Remerger, rows: DecoderRows):
+def _layer(layer: nn.Module, x, pending, rope: Rope, mask, config, remerge: Remerger, rows: DecoderRows,
+           k_out: torch.Tensor | None = None, v_out: torch.Tensor | None = None):  # fmt: skip
     """One decoder layer; `pending` is the previous layer's MLP output, not yet added to `x` (so the
-    add and this layer's norm can be one kernel). Returns (x, this layer's MLP output, k, v)."""
+    add and this layer's norm can be one kernel). Returns (x, this layer's MLP output, k, v); k and
+    v are written into `k_out` / `v_out` where given."""
     attn = layer.self_attn
     bsz = remerge.bsz
     heads, kv_heads, hd = config.num_attention_heads, config.num_key_value_heads, head_dim(config)
     x, h = rows.norm(layer.input_layernorm, x, pending)
     # projections on the N_u merged rows; then gather to the N virtual rows (+ RoPE there)
     q = _to_virtual(attn.q_proj(h), remerge, heads, hd, rope, with_rope=True)
-    k = _to_virtual(attn.k_proj(h), remerge, kv_heads, hd, rope, with_rope=True)
-    v = _to_virtual(attn.v_proj(h), remerge, kv_heads, hd, rope, with_rope=False)
+    k = _to_virtual(attn.k_proj(h), remerge, kv_heads, hd, rope, with_rope=True, out=k_out)
+    v = _to_virtual(attn.v_proj(h), remerge, kv_heads, hd, rope, with_rope=False, out=v_out)
     rep = heads // kv_heads
     k_att, v_att = (repeat_heads(k, rep), repeat_heads(v, rep)) if rep > 1 else (k, v)
     if mask is None:
@@ -148,6 +153,20 @@ def _layer(layer: nn.Module, x, pending, rope: Rope, mask, config, remerge: Reme
     out = remerge(out.transpose(1, 2).reshape(bsz, remerge.n, heads * hd))
     x, h = rows.norm(layer.post_attention_layernorm, x, attn.o_proj(out))
     return x, rows.mlp(layer.mlp, h), k, v
+
+
+KVSink = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (layers, B, H_kv, L, hd)
+
+
+def _check_sink(
+    sink: KVSink, layers: int, bsz: int, kv_heads: int, n: int, hd: int, dtype: torch.dtype
+) -> None:
+    for buffer in sink:
+        shape = tuple(buffer.shape)
+        if (len(shape) != 5 or shape[:3] != (layers, bsz, kv_heads) or shape[3] < n or shape[4] != hd
+                or buffer.dtype != dtype or buffer.stride(-1) != 1):  # fmt: skip
+            raise ValueError(f"a K/V sink must be ({layers}, {bsz}, {kv_heads}, >= {n}, {hd}) {dtype} with a "
+                             f"contiguous last dimension, not {shape} {buffer.dtype}")  # fmt: skip
 
 
 def default_positions(idx: torch.Tensor) -> torch.Tensor:
@@ -165,6 +184,7 @@ def vtu_prefill(
     positions: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     options: Options = DEFAULT,
+    sink: KVSink | None = None,
 ) -> VtuOutput:
     """Fast-VTU prefill of a Llama decoder (`LlamaModel`-like: `layers`, `norm`, `config`).
 
@@ -174,7 +194,9 @@ def vtu_prefill(
     differing; at batch 1 both layouts are the same), so the row-wise layers run on the real rows
     only, not on B x the longest. `hidden` comes back in the layout given. `positions` (B, N) are RoPE positions (default 0..N-1) and
     `mask` is an additive (B, 1, N, N) attention mask over the virtual sequence (None: plain
-    causal, nothing padded; see `additive_mask`).
+    causal, nothing padded; see `additive_mask`). `sink` (keys, values), each (layers, B, H_kv, L, hd)
+    with L >= N, receives the keys and values at positions 0..N-1 (a decode buffer: no copy of a
+    full KV cache afterwards), and the output's keys and values are views of it.
     """
     config = decoder.config
     positions = default_positions(idx) if positions is None else positions
@@ -189,9 +211,13 @@ def vtu_prefill(
         rope = Rope(*half_tables(*rope_cos_sin(positions, hd, rope_theta, torch.float32)), fused=True)
     else:
         rope = Rope(*rope_cos_sin(positions, hd, rope_theta, merged_embeds.dtype), fused=False)
+    n = idx.shape[1]
+    if sink is not None:
+        _check_sink(sink, len(decoder.layers), idx.shape[0], config.num_key_value_heads, n, hd, x.dtype)
     keys, values, pending = [], [], None
-    for layer in decoder.layers:
-        x, pending, k, v = _layer(layer, x, pending, rope, mask, config, remerge, rows)
+    for i, layer in enumerate(decoder.layers):
+        k_out, v_out = (sink[0][i, :, :, :n], sink[1][i, :, :, :n]) if sink is not None else (None, None)
+        x, pending, k, v = _layer(layer, x, pending, rope, mask, config, remerge, rows, k_out, v_out)
         keys.append(k)
         values.append(v)
     return VtuOutput(rows.norm(decoder.norm, x, pending)[1], keys, values)

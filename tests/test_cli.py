@@ -145,7 +145,7 @@ def test_every_fast_path_flag_flips_its_option() -> None:
     add_option_flags(parser)
     assert options_from(parser.parse_args([])) == Options()
     flags = {"--no-fused-rope": "fused_rope", "--no-fused-rows": "fused_rows",
-             "--no-fused-remerge": "fused_remerge", "--no-cuda-graphs": "cuda_graphs",
+             "--no-fused-remerge": "fused_remerge", "--no-kv-sink": "kv_sink", "--no-cuda-graphs": "cuda_graphs",
              "--no-compile-tower": "compile_tower"}  # fmt: skip
     for flag, field in flags.items():
         got = options_from(parser.parse_args([flag]))

@@ -35,6 +35,16 @@ CODE = textwrap.dedent(
     assert torch.equal(expand_rope(x, remerge.flat, N, None, None), remerge.expand(x).transpose(1, 2))
     half_out = expand_rope(x.half(), remerge.flat, N, *half_tables(cos, sin))
     assert half_out.dtype == torch.float16 and torch.allclose(half_out.float(), want, atol=1e-2)
+    # into the first N positions of a longer decode buffer (strided view): the same values, nothing else written
+    buffer = torch.full((B, H, N + 6, hd), 7.0)
+    into = expand_rope(x, remerge.flat, N, *half_tables(cos, sin), out=buffer[:, :, :N])
+    assert into.data_ptr() == buffer.data_ptr() and torch.equal(buffer[:, :, :N], got)
+    assert bool((buffer[:, :, N:] == 7.0).all())
+    try:
+        expand_rope(x, remerge.flat, N, None, None, out=buffer[:, :, :N - 1])
+        raise SystemExit("a wrong-shaped out was accepted")
+    except ValueError:
+        pass
     # the graph decode's use: one new token per row (flat = the rows, N = 1)
     one = torch.randn(B, 1, H, hd)
     cos1, sin1 = rope_cos_sin(torch.tensor([[7], [300]]), hd, 10000.0, torch.float32)

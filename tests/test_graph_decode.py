@@ -223,9 +223,9 @@ def test_prepare_packs_rows_and_matches_the_padded_prefill(trained_checkpoints, 
     shapes_seen = []
     real = generation.vtu_prefill
 
-    def recording(decoder, merged, *args):
+    def recording(decoder, merged, *args, **kwargs):
         shapes_seen.append(tuple(merged.shape[:2]))
-        return real(decoder, merged, *args)
+        return real(decoder, merged, *args, **kwargs)
 
     monkeypatch.setattr(generation, "vtu_prefill", recording)
     packed = generation.prepare(model.parts, ids, pixels, tau)
@@ -352,9 +352,9 @@ def test_prepare_refuses_an_unknown_vtu_and_passes_its_options_on(trained_checkp
     seen = []
     real = generation.vtu_prefill
 
-    def recording(*args):
+    def recording(*args, **kwargs):
         seen.append(args[-1])
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(generation, "vtu_prefill", recording)
     options = Options(fused_rope=False, deterministic_remerge=True)

@@ -68,17 +68,16 @@ def test_batch_with_mask_equals_plain(packed: bool) -> None:
             torch.testing.assert_close(g[b, :, first:], a[b, :, first:], rtol=1e-5, atol=1e-5)
 
 
-def test_padding_reaches_bucket_multiples_and_masks_the_padding() -> None:
+def test_padding_reaches_bucket_multiples_rows_in_front_positions_at_the_end() -> None:
+    """Padded rows go first (zero, read by no real position); padded positions go last, so a real
+    position p stays at p (where a decode buffer wants it) and causal attention hides the padding:
+    no mask is needed when none was given."""
     merged, idx = torch.randn(1, 40, 8), torch.randint(1, 40, (1, 70))
     merged_p, idx_p, positions_p, mask_p, pad_u, pad_n = pad_inputs(merged, idx, torch.arange(70)[None], None)
     assert merged_p.shape[1] % BUCKET == 0 and idx_p.shape[1] % BUCKET == 0 and (pad_u, pad_n) == (24, 58)
-    assert bool((merged_p[:, :pad_u] == 0).all()) and bool((idx_p[:, :pad_n] == 0).all())
-    assert torch.equal(positions_p[0, pad_n:], torch.arange(70)) and torch.equal(
-        idx_p[:, pad_n:], idx + pad_u
-    )
-    blocked = mask_p[0, 0] < 0
-    assert bool(blocked[pad_n:, :pad_n].all())  # no real query sees a padded key
-    assert not bool(blocked.diagonal().any())  # every row sees itself
+    assert bool((merged_p[:, :pad_u] == 0).all()) and torch.equal(merged_p[:, pad_u:], merged)
+    assert torch.equal(idx_p[:, :70], idx + pad_u) and bool((idx_p[:, 70:] == 0).all())  # padding: zero row 0
+    assert torch.equal(positions_p[0, :70], torch.arange(70)) and mask_p is None
 
 
 def test_graph_options_are_checked() -> None:
@@ -90,17 +89,16 @@ def test_graph_options_are_checked() -> None:
 
 
 def test_a_given_mask_is_kept_and_padded_rows_see_themselves() -> None:
-    """In bf16 a row of only `finfo.min` can overflow to -inf in SDPA and turn into NaN: padded rows
-    must keep their diagonal open."""
+    """A given mask covers the real positions; no real query sees a padded key; and in bf16 a row of
+    only `finfo.min` can overflow to -inf in SDPA and turn into NaN, so padded rows see themselves."""
     idx = torch.randint(1, 5, (2, 10))
     mask = additive_mask(torch.ones(10, 10, dtype=torch.bool).tril()[None, None].expand(2, 1, 10, 10),
                          torch.bfloat16)  # fmt: skip
     *_, mask_p, _, pad_n = pad_inputs(torch.randn(2, 5, 8), idx, torch.arange(10).expand(2, 10), mask)
-    assert pad_n == 54 and mask_p.dtype == torch.bfloat16
-    assert torch.equal(mask_p[..., pad_n:, pad_n:], mask)
-    assert not bool((mask_p[0, 0].diagonal() < 0).any()) and bool(
-        (mask_p[0, 0, :pad_n, :pad_n].tril(-1) < 0).any()
-    )
+    assert pad_n == 54 and mask_p is not None and mask_p.dtype == torch.bfloat16
+    assert torch.equal(mask_p[..., :10, :10], mask)
+    assert bool((mask_p[..., :10, 10:] < 0).all())  # real queries never see the padding
+    assert not bool((mask_p[0, 0].diagonal() < 0).any()) and bool((mask_p[0, 0, 10:, :10] < 0).all())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")

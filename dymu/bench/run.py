@@ -30,7 +30,7 @@ from ..calibration import calibrate, default_target_tokens
 from ..cuda_graph import capture_count, release_compile_workers
 from ..devices import device_from, dtype_from
 from ..errors import DymuError
-from ..generation import PreparedBatch, decode_path, generate_prepared, prepare, stock_prepare
+from ..generation import PreparedBatch, decode_path, generate_prepared, prepare, sink_tokens, stock_prepare
 from ..images import load_image
 from ..jsonsafe import dumps
 from ..matrix.digest import code_digest
@@ -86,7 +86,7 @@ class Mode:
     decode_given: bool = False
 
 
-MODE_KEYS = ("vtu", "thresholds", "graphs", "compile", "fused", "rows", "remerge", "decode", "segment",
+MODE_KEYS = ("vtu", "thresholds", "graphs", "compile", "fused", "rows", "remerge", "sink", "decode", "segment",
              "prefill_graph")  # fmt: skip
 STOCK_KEYS = ("decode", "rows")  # stock LLaVA's decode runs through dymu's graph step too
 
@@ -94,8 +94,9 @@ STOCK_KEYS = ("decode", "rows")  # stock LLaVA's decode runs through dymu's grap
 def parse_modes(spec: str, default_vtu: str, default_thresholds: str | None) -> list[Mode]:
     """`stock,dymu,dymu-none:vtu=none,dymu-b:thresholds=b.pth,dymu-eager:graphs=off` -> modes (names
     unique; `stock` and `stock-*` are stock LLaVA); `graphs` / `compile` / `fused` / `rows` / `remerge`
-    switch the tower's CUDA graphs / its compiled blocks / VTU's fused RoPE / the fused norms and
-    SiLU*up / the fused remerge for one mode, `decode=graph|static|dynamic` its decode path,
+    / `sink` switch the tower's CUDA graphs / its compiled blocks / VTU's fused RoPE / the fused
+    norms and SiLU*up / the fused remerge / the prefill into the decode buffer for one mode,
+    `decode=graph|static|dynamic` its decode path,
     `segment=N` the tower's blocks per captured graph (0: all), `prefill_graph=N` the largest batch
     whose prefill is graphed."""
     modes: list[Mode] = []
@@ -124,7 +125,7 @@ def parse_modes(spec: str, default_vtu: str, default_thresholds: str | None) -> 
                 raise DymuError(f"--modes: {part!r}: {key} must be on or off")
             else:
                 field_name = {"graphs": "cuda_graphs", "fused": "fused_rope", "rows": "fused_rows",
-                              "remerge": "fused_remerge", "compile": "compile_tower"}[key]  # fmt: skip
+                              "remerge": "fused_remerge", "sink": "kv_sink", "compile": "compile_tower"}[key]  # fmt: skip
                 mode.options = replace(mode.options or Options(), **{field_name: value == "on"})
         if any(m.name == name for m in modes):
             raise DymuError(f"--modes: {name!r} given twice; give each variant its own name")
@@ -260,14 +261,6 @@ def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[
     pixels = model.pixel_values(images).to(device)
     clock.host_mark("preprocess")
     clock.mark("start")
-    batch: PreparedBatch
-    if mode.kind == "stock":
-        batch = stock_prepare(model.parts, ids, pixels, on_stage=clock.mark)
-    else:
-        batch = prepare(
-            model.parts, ids, pixels, mode.thresholds, mode.vtu, options, on_stage=clock.mark, borrow=True
-        )  # decoded before the next prepare, as `DymuLlava.generate` does
-    clock.mark("prefill")
     gen: dict[str, Any] = {
         "logits_processor": LogitsProcessorList([StepRecorder(clock)]),
         "output_scores": False,
@@ -278,6 +271,14 @@ def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[
     if cfg.ignore_eos:
         gen["min_new_tokens"] = cfg.max_new_tokens
     decode = decode_path(model.parts, options, gen)[0]
+    batch: PreparedBatch
+    if mode.kind == "stock":
+        batch = stock_prepare(model.parts, ids, pixels, on_stage=clock.mark)
+    else:  # decoded before the next prepare, as `DymuLlava.generate` does
+        sink = sink_tokens(model.parts, options, gen, cfg.max_new_tokens)
+        batch = prepare(model.parts, ids, pixels, mode.thresholds, mode.vtu, options, on_stage=clock.mark,
+                        borrow=True, decode_tokens=sink)  # fmt: skip
+    clock.mark("prefill")
     out = generate_prepared(model.parts, batch, cfg.max_new_tokens, options, **gen)
     clock.host_mark("end")
     captures = _graph_captures(model) - captures
