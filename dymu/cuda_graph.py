@@ -41,6 +41,7 @@ from .blocks import (
 # one batch shape needs up to (segments - 1) x (577 / BUCKET) + 1 ~ 96 graphs at LLaVA's geometry: room for
 # a few batch shapes, so a long run stops capturing once every bucket has been seen
 _MAX_GRAPHS_PER_TOWER = 320
+_MAX_CONSTANTS = 8  # threshold sets per tower kept on the device
 
 
 @contextlib.contextmanager
@@ -98,6 +99,17 @@ class GraphCache:
         self.calls: OrderedDict[tuple, CapturedCall] = OrderedDict()
         self.failed: set[tuple] = set()
         self.captures = 0  # graphs captured so far (each costs far more than a replay)
+        self.constants: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def constant(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A small input that stays the same from call to call (the thresholds on the device), made
+        once per key: no host-to-device copy, which waits on the host, before every replay."""
+        if key not in self.constants:
+            self.constants[key] = make()
+            while len(self.constants) > _MAX_CONSTANTS:
+                self.constants.popitem(last=False)
+        self.constants.move_to_end(key)
+        return self.constants[key]
 
     def drop(self, unwanted: Callable[[tuple], bool]) -> None:
         """Forget the captured calls whose key is unwanted (their memory goes with them)."""
@@ -179,7 +191,11 @@ def _compiled_tower(
     n_run: int,
     key: tuple,
 ) -> TokenState | None:
-    inputs = (pixel_values, thresholds.to(pixel_values.device, torch.float32))
+    device = pixel_values.device
+    tau = graphs.constant(
+        (key, str(device)), lambda: thresholds.to(device, torch.float32)
+    )  # key: their values
+    inputs = (pixel_values, tau)
     call_key = (key, "compiled", n_run, tuple((tuple(t.shape), t.dtype, str(t.device)) for t in inputs))
     # a replay (or a capture that failed) needs no weights: gather them (about 0.4 ms of host work for
     # 24 blocks) only when this call is still to be captured

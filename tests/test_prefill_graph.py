@@ -155,3 +155,19 @@ def test_borrowed_prefill_is_the_same_values_until_the_next_prefill_overwrites_t
         batch.tensors()
     with pytest.raises(DymuError, match="overwritten"):
         batch.cache  # noqa: B018 - the property is the check
+
+
+def test_a_graph_caches_constant_input_is_made_once_per_key() -> None:
+    """The tower's thresholds go to the device once per threshold set, not before every replay."""
+    graphs = cuda_graph.GraphCache()
+    made: list[int] = []
+
+    def make(value: int):
+        return lambda: made.append(value) or torch.tensor([float(value)])
+
+    first = graphs.constant(("a",), make(1))
+    assert graphs.constant(("a",), make(2)) is first and made == [1]
+    assert float(graphs.constant(("b",), make(3))) == 3.0 and made == [1, 3]
+    for i in range(cuda_graph._MAX_CONSTANTS + 1):  # bounded: the oldest go
+        graphs.constant(("c", i), make(i))
+    assert ("a",) not in graphs.constants and len(graphs.constants) == cuda_graph._MAX_CONSTANTS
