@@ -57,10 +57,12 @@ class Remerger:
         self.merged_shape = (1, n_u) if packed else (bsz, n_u)
         self.flat = (idx if packed else idx + torch.arange(bsz, device=idx.device)[:, None] * n_u).flatten()
         counts = group_count(self.flat, self.rows)
-        self.inv_count = 1.0 / counts.view(*self.merged_shape, 1).float().clamp_min(1.0)
         self.assign = assignment(idx, n_u, dtype) if deterministic else None
         # the Triton segment mean (CUDA): each merged row's virtual rows listed once for every layer
         self.segments = Segments.of(self.flat, counts) if fused and not deterministic else None
+        self.inv_count = None  # the torch paths' 1/count (the segment mean scales by its own)
+        if self.segments is None:
+            self.inv_count = 1.0 / counts.view(*self.merged_shape, 1).float().clamp_min(1.0)
 
     def expand(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N_u, ...) or packed (1, T, ...) -> (B, N, ...): each virtual row copies its merged row."""
