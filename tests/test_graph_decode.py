@@ -416,3 +416,23 @@ def test_switching_kernels_reuses_the_held_decoder(trained_checkpoints) -> None:
     )
     assert generation._static_decoders[model.parts.model] is held and held.variant == (True, False, False)
     assert torch.equal(plain.sequences, first.sequences)
+
+
+def test_a_held_decoder_somewhat_longer_than_needed_is_kept(trained_checkpoints) -> None:
+    """Prompts straddling a bucket edge keep one buffer (and the graphs tied to it); a much longer
+    one, another batch size or dtype gets a new decoder."""
+    model = dymu.load(trained_checkpoints[tiny.HF_SAFETENSORS])
+
+    def held(batch: int, length: int, dtype=torch.float32) -> StaticDecoder:
+        return generation.static_decoder_for(
+            model.parts, batch, length, dtype, torch.device("cpu"), graphs=False
+        )
+
+    first = held(1, 300)
+    assert first.length == 384
+    assert held(1, 200) is first and held(1, 100) is first  # 384 <= 128 + DECODER_SLACK
+    longer = held(1, 400)
+    assert longer.length == 512 and held(1, 500) is longer
+    assert held(1, 100).length == 128  # 512 > 128 + 256: a step would read too much masked tail
+    assert held(2, 100).batch == 2 and held(2, 100, torch.float16).dtype == torch.float16
+    assert generation.DECODER_SLACK == 2 * generation.STATIC_CACHE_BUCKET
