@@ -213,7 +213,8 @@ def test_generate_prefills_into_the_graph_decode_and_answers_as_before(
 @pytest.mark.parametrize("batch", [1, 3])
 def test_on_cuda_the_sink_gives_the_copied_paths_keys_and_tokens(trained_checkpoints, batch: int) -> None:
     """On CUDA (batch 1: the replayed prefill graph writing into the decode buffer; batch 3: the
-    eager prefill), twice in a row: the same keys, values and greedy tokens as the copied path."""
+    eager prefill), twice in a row: the copied path's keys and values (to float32 rounding) and
+    greedy tokens."""
     model = dymu.load(trained_checkpoints[FAMILY_DIRS["hf"]], thresholds=task_thresholds(), device="cuda")
     ids, pixels, tau = _inputs(model, 3)
     ids, pixels = ids[:batch], pixels[:batch]
@@ -224,7 +225,11 @@ def test_on_cuda_the_sink_gives_the_copied_paths_keys_and_tokens(trained_checkpo
     for _ in range(2):  # the second replays the captured graphs
         sunk = generation.prepare(model.parts, ids, pixels, tau, options=options, decode_tokens=10)
         assert generation._static_decoders[model.parts.model].holds(*sunk.tensors())
+        # batch 1 replays the same graph shapes either way: float32 rounding apart; the eager CUDA
+        # batch is not reproducible even without the sink (the copied path twice in a row differed
+        # by up to 0.024 on an H100, the sink by 0.019 from it), so there the tokens are the check
+        tolerance = 1e-5 if batch == 1 else 5e-2
         for a, b in zip(keys + values, sunk.tensors()[0] + sunk.tensors()[1], strict=True):
-            assert torch.equal(a, b)
+            torch.testing.assert_close(b, a, rtol=tolerance, atol=tolerance)
         out = generation.generate_prepared(model.parts, sunk, 10, options)
         assert torch.equal(out.sequences, ref.sequences)
