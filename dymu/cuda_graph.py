@@ -192,9 +192,8 @@ def _compiled_tower(
     key: tuple,
 ) -> TokenState | None:
     device = pixel_values.device
-    tau = graphs.constant(
-        (key, str(device)), lambda: thresholds.to(device, torch.float32)
-    )  # key: their values
+    # `key` holds the thresholds' values: a new set gets its own device copy, a repeat none
+    tau = graphs.constant((key, str(device)), lambda: thresholds.to(device, torch.float32))
     inputs = (pixel_values, tau)
     call_key = (key, "compiled", n_run, tuple((tuple(t.shape), t.dtype, str(t.device)) for t in inputs))
     # a replay (or a capture that failed) needs no weights: gather them (about 0.4 ms of host work for

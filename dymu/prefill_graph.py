@@ -146,10 +146,11 @@ def graphed_vtu_prefill(
         return vtu_prefill(decoder, merged_embeds, idx, rope_theta, positions, mask, options, sink)
     state.replays += 1
     keys, values = (t[:, :, :, :n] for t in target)
-    hidden, stamp = outputs[0][:, pad_u:], state.replays
-    if sink is not None:
+    hidden = outputs[0][:, pad_u:]
+    if sink is not None:  # the sink's owner says when its keys and values are overwritten
         return VtuOutput(hidden.clone(), list(keys.unbind(0)), list(values.unbind(0)))
     if borrow:
+        stamp = state.replays
         current = lambda: state.replays == stamp  # noqa: E731 - a one-line check
     else:
         keys, values, hidden, current = keys.clone(), values.clone(), hidden.clone(), None
