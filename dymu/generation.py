@@ -25,6 +25,7 @@ from transformers import GenerationMixin
 
 from . import decode_loop
 from .compat.shims import (
+    SinkCache,
     cache_keyword,
     cache_tensors,
     causal_mask,
@@ -209,10 +210,17 @@ def stock_prepare(
     prompt_ids: list[list[int]],
     pixel_values: torch.Tensor,
     on_stage: StageHook | None = None,
+    decode_tokens: int | None = None,
+    options: Options = DEFAULT,
 ) -> PreparedBatch:
     """Stock LLaVA's prefill (HF CLIP, all 576 image rows, the decoder's own forward and mask) into
     a cache of the same shape `prepare` fills, so both modes decode through one path. The greedy
-    tokens equal the family's own generate (tests check both families)."""
+    tokens equal the family's own generate (tests check both families).
+
+    `decode_tokens=n` is `prepare`'s: the decoder's own forward writes each layer's keys and values
+    into the graph decode's buffer as it goes (`SinkCache`), as transformers' prefill into its
+    StaticCache does, so stock holds no second KV cache at its peak either and the two modes'
+    memory compares like for like."""
     if len(prompt_ids) != pixel_values.shape[0]:
         raise DymuError(f"{len(prompt_ids)} prompts but {pixel_values.shape[0]} images")
     device = parts.decoder.embed_tokens.weight.device
@@ -237,11 +245,26 @@ def stock_prepare(
         mask[b, width - len(vids) :] = 1
         ids_out[b, width - len(vids) :] = torch.tensor(vids, device=device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, :-1]
-    out = parts.decoder(
-        inputs_embeds=embeds, attention_mask=mask[:, :-1], position_ids=positions, use_cache=True
-    )
-    keys, values = cache_tensors(out.past_key_values)
-    return PreparedBatch(PrefillKV(keys, values), ids_out, mask, [features.shape[1]] * bsz, None, parts.model)
+    sink, current = None, None
+    if decode_tokens is not None:
+        check_new_tokens(parts, width, decode_tokens)
+        step = static_decoder_for(parts, bsz, width + decode_tokens, dtype, device, options.cuda_graphs,
+                                  options.fused_rope, options.fused_rows)  # fmt: skip
+        (sink_keys, sink_values), current = step.sink()
+        sink = SinkCache(sink_keys, sink_values)
+    out = parts.decoder(inputs_embeds=embeds, attention_mask=mask[:, :-1], position_ids=positions, use_cache=True,
+                        **({} if sink is None else {cache_keyword(): sink}))  # fmt: skip
+    if sink is None:
+        keys, values = cache_tensors(out.past_key_values)
+    else:
+        layers = len(parts.decoder.layers)
+        if sink.written != set(range(layers)):
+            raise DymuError(f"the decoder's forward handed {len(sink.written)} of {layers} layers' keys and values "
+                            "to its cache; this transformers needs kv_sink=False (--no-kv-sink)")  # fmt: skip
+        keys = list(sink_keys[:, :, :, : width - 1].unbind(0))
+        values = list(sink_values[:, :, :, : width - 1].unbind(0))
+    kv = PrefillKV(keys, values, current)
+    return PreparedBatch(kv, ids_out, mask, [features.shape[1]] * bsz, None, parts.model)
 
 
 # One static KV cache per model, reused while batch size, bucketed length, dtype and device stay

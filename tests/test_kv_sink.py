@@ -183,6 +183,39 @@ def test_prefill_into_the_decode_buffer_gives_the_same_tokens(trained_checkpoint
         generation.generate_prepared(model.parts, sunk, 10, options)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILY_DIRS))
+def test_the_stock_prefill_writes_into_the_decode_buffer_too(trained_checkpoints, family) -> None:
+    """The stock baseline with `decode_tokens`: the decoder's own forward hands each layer to the
+    SinkCache, the buffer holds the same keys and values as stock's DynamicCache (bit for bit: the
+    attention is the same computation), and the greedy tokens are the same."""
+    skip_without_legacy(family)
+    model = dymu.load(trained_checkpoints[FAMILY_DIRS[family]], thresholds=task_thresholds())
+    ids, pixels, _ = _inputs(model, 3)
+    options = Options(decode="graph")
+    own = generation.stock_prepare(model.parts, ids, pixels)
+    ref = generation.generate_prepared(model.parts, own, 10, options)
+    sunk = generation.stock_prepare(model.parts, ids, pixels, decode_tokens=10, options=options)
+    step = generation._static_decoders[model.parts.model]
+    assert step.holds(*sunk.tensors())
+    for a, b in zip(own.tensors()[0] + own.tensors()[1], sunk.tensors()[0] + sunk.tensors()[1], strict=True):
+        assert torch.equal(a, b)
+    out = generation.generate_prepared(model.parts, sunk, 10, options)
+    assert torch.equal(out.sequences, ref.sequences)
+    generation.stock_prepare(model.parts, ids, pixels, decode_tokens=10, options=options)
+    with pytest.raises(DymuError, match="overwritten"):
+        generation.generate_prepared(model.parts, sunk, 10, options)
+
+
+def test_a_stock_forward_that_bypasses_the_sink_cache_is_refused(trained_checkpoints, monkeypatch) -> None:
+    """If a decoder never hands its keys and values to the cache (a transformers that stopped calling
+    `Cache.update`), the buffer would hold stale values: stock_prepare says so instead of decoding."""
+    model = dymu.load(trained_checkpoints[FAMILY_DIRS["hf"]], thresholds=task_thresholds())
+    ids, pixels, _ = _inputs(model, 2)
+    monkeypatch.setattr(generation.SinkCache, "update", lambda self, k, v, layer, *a, **kw: (k, v))
+    with pytest.raises(DymuError, match="kv_sink=False"):
+        generation.stock_prepare(model.parts, ids, pixels, decode_tokens=4, options=Options(decode="graph"))
+
+
 def test_generate_prefills_into_the_graph_decode_and_answers_as_before(
     trained_checkpoints, monkeypatch
 ) -> None:

@@ -272,10 +272,12 @@ def run_batch(model: DymuLlava, mode: Mode, samples: list[Sample], images: list[
         gen["min_new_tokens"] = cfg.max_new_tokens
     decode = decode_path(model.parts, options, gen)[0]
     batch: PreparedBatch
+    sink = sink_tokens(model.parts, options, gen, cfg.max_new_tokens)
     if mode.kind == "stock":
-        batch = stock_prepare(model.parts, ids, pixels, on_stage=clock.mark)
+        batch = stock_prepare(
+            model.parts, ids, pixels, on_stage=clock.mark, decode_tokens=sink, options=options
+        )
     else:  # decoded before the next prepare, as `DymuLlava.generate` does
-        sink = sink_tokens(model.parts, options, gen, cfg.max_new_tokens)
         batch = prepare(model.parts, ids, pixels, mode.thresholds, mode.vtu, options, on_stage=clock.mark,
                         borrow=True, decode_tokens=sink)  # fmt: skip
     clock.mark("prefill")

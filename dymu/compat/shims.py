@@ -71,6 +71,31 @@ def new_cache(model: torch.nn.Module, keys: list[torch.Tensor], values: list[tor
     return cache
 
 
+class SinkCache(DynamicCache):
+    """An empty cache for one prefill forward that copies each layer's keys and values into given
+    buffers (layers, B, H_kv, L, hd) at positions 0..n-1 as the layer hands them over, and returns
+    them unchanged: what a dynamic cache holding nothing yet returns too, so attention is the stock
+    computation, but nothing accumulates (the prefill's peak holds one layer's keys, not all).
+    `Cache.update(keys, values, layer_idx, ...)` is how every decoder of the Cache era (4.36 on)
+    hands them over; `written` is the layers that did, for the caller to check."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.sink_keys, self.sink_values = keys, values
+        self.written: set[int] = set()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        # the rest is `cache_kwargs` before 5.x and `kwargs=` after: nothing this cache needs
+        if layer_idx in self.written:
+            raise DymuError("a SinkCache takes one prefill forward; make a new one for the next")
+        n = key_states.shape[-2]
+        self.sink_keys[layer_idx, :, :, :n].copy_(key_states)
+        self.sink_values[layer_idx, :, :, :n].copy_(value_states)
+        self.written.add(layer_idx)
+        return key_states, value_states
+
+
 def cache_tensors(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per-layer (keys, values) of any cache this transformers hands out."""
     if isinstance(cache, (tuple, list)):  # the tuple caches of the cache-format era
