@@ -47,10 +47,11 @@ class Options:
       reports/gpu/bench/h200_prefill_graph_b1.md), 0 runs the plain prefill. Every capture owns
       its cuBLAS workspace (`cuda_graph.own_cublas_workspace`), which is what made the earlier
       illegal memory access after transformers' compiled decode go away.
-    - `kv_sink`: with the graph decode, the DyMU prefill writes its keys and values straight into the
-      decode's static buffer (`generation.prepare(decode_tokens=...)`): no KV cache of the prefill's
-      own and no copy at load (a 7B model's cache at batch 8 is about 2.6 GB); off: the prefill
-      keeps its own and the decode copies it in.
+    - `kv_sink`: with the graph decode, the prefill writes its keys and values straight into the
+      decode's static buffer (`generation.prepare(decode_tokens=...)`, and the stock baseline's
+      `stock_prepare` through `SinkCache`): no KV cache of the prefill's own and no copy at load (a
+      7B model's cache at batch 8 is about 2.6 GB); off: the prefill keeps its own and the decode
+      copies it in.
     - `deterministic_remerge`: VTU's group mean as an assignment matmul (fixed reduction
       order, no CUDA atomics) instead of `index_add_`.
     - `decode`: "graph" is dymu's own decode loop: the prefill's keys and values go into a static

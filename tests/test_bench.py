@@ -292,6 +292,8 @@ def test_stock_variants_take_only_the_decode_and_row_kernel_switches() -> None:
     assert uncompiled.options == Options(compile_tower=False)
     (copied,) = bench_run.parse_modes("dymu-c:sink=off", "fast", None)
     assert copied.options == Options(kv_sink=False)
+    (stock_copied,) = bench_run.parse_modes("stock-c:sink=off", "fast", None)
+    assert stock_copied.kind == "stock" and stock_copied.options == Options(kv_sink=False)
     with pytest.raises(DymuError, match="unknown option"):
         bench_run.parse_modes("stock-x:compile=off", "fast", None)  # stock LLaVA runs HF's CLIP
     with pytest.raises(DymuError, match="unknown option"):

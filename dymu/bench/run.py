@@ -88,7 +88,8 @@ class Mode:
 
 MODE_KEYS = ("vtu", "thresholds", "graphs", "compile", "fused", "rows", "remerge", "sink", "decode", "segment",
              "prefill_graph")  # fmt: skip
-STOCK_KEYS = ("decode", "rows")  # stock LLaVA's decode runs through dymu's graph step too
+# stock LLaVA's decode runs through dymu's graph step (and its buffer) too
+STOCK_KEYS = ("decode", "rows", "sink")
 
 
 def parse_modes(spec: str, default_vtu: str, default_thresholds: str | None) -> list[Mode]:
