@@ -191,9 +191,7 @@ def prepare(
     graphed = merged.is_cuda and bsz <= options.prefill_graph_batch  # batch 1 is launch-bound
     sink, current = None, None
     if decode_tokens is not None:
-        check_new_tokens(parts, width_v, decode_tokens)
-        step = static_decoder_for(parts, bsz, width_v + decode_tokens, dtype, device, options.cuda_graphs,
-                                  options.fused_rope, options.fused_rows)  # fmt: skip
+        step = _decoder_to_sink_into(parts, bsz, width_v, decode_tokens, dtype, device, options)
         written = width_v - 1 + (bucket_spare(width_v - 1) if graphed else 0)  # the graph's padding too
         if written <= step.length:  # always, unless the context limit capped the buffer
             sink, current = step.sink()
@@ -247,9 +245,7 @@ def stock_prepare(
     positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, :-1]
     sink, current = None, None
     if decode_tokens is not None:
-        check_new_tokens(parts, width, decode_tokens)
-        step = static_decoder_for(parts, bsz, width + decode_tokens, dtype, device, options.cuda_graphs,
-                                  options.fused_rope, options.fused_rows)  # fmt: skip
+        step = _decoder_to_sink_into(parts, bsz, width, decode_tokens, dtype, device, options)
         (sink_keys, sink_values), current = step.sink()
         sink = SinkCache(sink_keys, sink_values)
     out = parts.decoder(inputs_embeds=embeds, attention_mask=mask[:, :-1], position_ids=positions, use_cache=True,
@@ -318,6 +314,15 @@ def static_decoder_for(parts: LlavaParts, batch: int, length: int, dtype: torch.
     held.use(graphs, fused_rope, fused_rows)
     _static_decoders[parts.model] = held
     return held
+
+
+def _decoder_to_sink_into(parts: LlavaParts, batch: int, prompt: int, decode_tokens: int, dtype: torch.dtype,
+                          device: torch.device, options: Options) -> StaticDecoder:  # fmt: skip
+    """The decode state the graph decode of `decode_tokens` new tokens after a `prompt`-position
+    prompt will use, for a prefill to write into (`prepare` and `stock_prepare`)."""
+    check_new_tokens(parts, prompt, decode_tokens)
+    return static_decoder_for(parts, batch, prompt + decode_tokens, dtype, device, options.cuda_graphs,
+                              options.fused_rope, options.fused_rows)  # fmt: skip
 
 
 def check_new_tokens(parts: LlavaParts, prompt: int, max_new_tokens: Any) -> None:
