@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU re-check issue 12 still owes, in one command on the device machine (never run yet; each part is a few minutes, so together it
-# may pass the 10-minute call limit: run the parts separately if so):
-# the full-size float32 identity gate, the CUDA tests of the prefill graph, graph decode, K/V sink
+# The GPU re-check issue 12 still owes, in one command on the device machine (never run yet; each
+# part is a few minutes, so together they may pass the 10-minute call limit: run them separately if
+# so): the full-size float32 identity gate, the CUDA tests of the prefill graph, graph decode, K/V sink
 # and tower, then the like-for-like memory bench (stock with and without its K/V sink against
 # DyMU's) at batch 8 and 1. Reports go to $OUT (or ./gpu_recheck). Random full-size weights:
 # timings and memory only. TAU=thresholds.safetensors skips calibrating on the generated images.

@@ -158,6 +158,24 @@ def test_capturing_the_decode_step_puts_back_what_its_warm_up_wrote(monkeypatch:
     assert torch.equal(step.keys, before[0]) and torch.equal(step.values, before[1])
 
 
+def _assert_sunk_like_own(model, own, ref, prepare_sunk, options: Options):
+    """The batch `prepare_sunk()` makes (with decode_tokens=10) sits in the held decode buffer, bit for
+    bit `own`'s keys and values, and decodes `ref`'s tokens (`ref`: `own` decoded, which copied its
+    keys and values into that buffer; they are overwritten first, so only the sink can put them
+    back). Returns the decode state and the batch."""
+    step = generation._static_decoders[model.parts.model]
+    step.keys.fill_(UNTOUCHED)
+    step.values.fill_(UNTOUCHED)
+    sunk = prepare_sunk()
+    assert generation._static_decoders[model.parts.model] is step
+    assert step.holds(*sunk.tensors())
+    for a, b in zip(own.tensors()[0] + own.tensors()[1], sunk.tensors()[0] + sunk.tensors()[1], strict=True):
+        assert torch.equal(a, b)
+    out = generation.generate_prepared(model.parts, sunk, 10, options)
+    assert torch.equal(out.sequences, ref.sequences)
+    return step, sunk
+
+
 @pytest.mark.parametrize("family", sorted(FAMILY_DIRS))
 def test_prefill_into_the_decode_buffer_gives_the_same_tokens(trained_checkpoints, family) -> None:
     """A left-padded batch of 3 prepared with `decode_tokens`: the decode's buffer holds the keys and
@@ -169,13 +187,13 @@ def test_prefill_into_the_decode_buffer_gives_the_same_tokens(trained_checkpoint
     options = Options(decode="graph")
     own = generation.prepare(model.parts, ids, pixels, tau, options=options)
     ref = generation.generate_prepared(model.parts, own, 10, options)
-    sunk = generation.prepare(model.parts, ids, pixels, tau, options=options, decode_tokens=10)
-    step = generation._static_decoders[model.parts.model]
-    assert step.holds(*sunk.tensors())
-    for a, b in zip(own.tensors()[0] + own.tensors()[1], sunk.tensors()[0] + sunk.tensors()[1], strict=True):
-        assert torch.equal(a, b)
-    out = generation.generate_prepared(model.parts, sunk, 10, options)
-    assert torch.equal(out.sequences, ref.sequences)
+    step, sunk = _assert_sunk_like_own(
+        model,
+        own,
+        ref,
+        lambda: generation.prepare(model.parts, ids, pixels, tau, options=options, decode_tokens=10),
+        options,
+    )
     generation.prepare(model.parts, ids[:1] * 3, pixels[:1].expand(3, -1, -1, -1), tau, options=options,
                        decode_tokens=10)  # fmt: skip
     assert generation._static_decoders[model.parts.model] is step  # same buffer, overwritten
@@ -194,13 +212,13 @@ def test_the_stock_prefill_writes_into_the_decode_buffer_too(trained_checkpoints
     options = Options(decode="graph")
     own = generation.stock_prepare(model.parts, ids, pixels)
     ref = generation.generate_prepared(model.parts, own, 10, options)
-    sunk = generation.stock_prepare(model.parts, ids, pixels, decode_tokens=10, options=options)
-    step = generation._static_decoders[model.parts.model]
-    assert step.holds(*sunk.tensors())
-    for a, b in zip(own.tensors()[0] + own.tensors()[1], sunk.tensors()[0] + sunk.tensors()[1], strict=True):
-        assert torch.equal(a, b)
-    out = generation.generate_prepared(model.parts, sunk, 10, options)
-    assert torch.equal(out.sequences, ref.sequences)
+    _, sunk = _assert_sunk_like_own(
+        model,
+        own,
+        ref,
+        lambda: generation.stock_prepare(model.parts, ids, pixels, decode_tokens=10, options=options),
+        options,
+    )
     generation.stock_prepare(model.parts, ids, pixels, decode_tokens=10, options=options)
     with pytest.raises(DymuError, match="overwritten"):
         generation.generate_prepared(model.parts, sunk, 10, options)
